@@ -1,0 +1,141 @@
+"""Training throughput of GM-WAE at the cpu and paper widths, against the machine's peak.
+
+    python benchmarks/throughput.py --out benchmarks/results/throughput.json
+    python benchmarks/throughput.py --smoke --out /tmp/throughput.json   # seconds
+
+For each preset: steps/s and images/s of the real training step (Trainer.train_steps on
+MNIST-shaped data), the step's GFLOP/s counted from the layers' shapes (forward MACs x 2
+FLOPs, x 3 for forward + backward), and that as a fraction of a float32 matmul peak
+measured in the same run on the same threads. Then a torch.profiler breakdown of a step
+into its regions (encoders, decoder, mmd, backward, optimizer).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+from gmwae_core import Trainer, from_preset, load_splits
+
+REGIONS = ("encoders", "decoder", "mmd", "backward", "optimizer")
+
+
+def matmul_peak_gflops(device: torch.device, seconds: float = 3.0) -> float:
+    """Best float32 GFLOP/s of square matmuls (1024..4096) on the current threads."""
+    best = 0.0
+    for n in (1024, 2048, 4096):
+        a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+        a @ b
+        reps, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 3:
+            a @ b
+            reps += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def forward_macs(trainer: Trainer) -> float:
+    """Multiply-accumulates of one training forward pass, from the layers' shapes."""
+    macs = 0.0
+
+    def hook(module, inputs, output):
+        nonlocal macs
+        x = inputs[0]
+        if isinstance(module, nn.ConvTranspose2d):  # every input pixel meets the whole kernel
+            macs += x.numel() * module.out_channels * module.kernel_size[0] * module.kernel_size[1]
+        elif isinstance(module, nn.Conv2d):
+            macs += output.numel() * module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+        elif isinstance(module, nn.Linear):
+            macs += x.numel() // module.in_features * module.in_features * module.out_features
+
+    handles = [m.register_forward_hook(hook) for m in trainer.model.modules()
+               if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))]
+    cfg, B = trainer.cfg.model, trainer.cfg.train.batch_size
+    with torch.no_grad():
+        trainer._loss(trainer.splits.train_x[:B])
+    for h in handles:
+        h.remove()
+    KS = cfg.K * cfg.num_samples
+    macs += B * KS * cfg.encoder_hidden * 2 * cfg.latent_dim / cfg.num_samples  # q(z|k,x) heads
+    macs += (2 * B * KS) ** 2 * cfg.latent_dim  # the MMD's one distance matrix
+    return macs
+
+
+def measure(preset: str, steps: int, device: torch.device) -> dict:
+    cfg = from_preset(preset, {"dataset": "synthetic", "pretrain_steps": 0,
+                               "device": device.type, "family": "gmwae"})
+    trainer = Trainer(cfg, load_splits(cfg.data))
+    trainer.train_steps(2)  # warm-up: allocator, oneDNN/cuDNN plans
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    trainer.train_steps(steps)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    step_s = (time.perf_counter() - start) / steps
+    flops = 3 * 2 * forward_macs(trainer)
+    with profile(activities=[ProfilerActivity.CPU] + (
+            [ProfilerActivity.CUDA] if device.type == "cuda" else [])) as prof:
+        trainer.train_steps(max(2, min(steps, 5)))
+    regions = {e.key: e.cpu_time_total / 1e3 for e in prof.key_averages() if e.key in REGIONS}
+    total = sum(regions.values())
+    m = cfg.model
+    return {
+        "preset": preset, "decoder_width": m.decoder_width, "num_samples": m.num_samples,
+        "batch_size": cfg.train.batch_size, "codes_per_step": cfg.train.batch_size * m.K * m.num_samples,
+        "step_ms": 1e3 * step_s, "steps_per_s": 1 / step_s,
+        "images_per_s": cfg.train.batch_size / step_s, "gflop_per_step": flops / 1e9,
+        "gflops": flops / step_s / 1e9,
+        "profile_share": {k: regions.get(k, 0.0) / total for k in REGIONS},
+        "top_ops": [(e.key, e.self_cpu_time_total / 1e3) for e in sorted(
+            prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:8]],
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--presets", default="cpu,paper")
+    p.add_argument("--steps", type=int, default=30, help="timed steps for the cpu preset")
+    p.add_argument("--paper-steps", type=int, default=3, help="timed steps for the paper preset")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--out", default="benchmarks/results/throughput.json")
+    p.add_argument("--smoke", action="store_true", help="cpu preset, 2 steps")
+    args = p.parse_args()
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if args.device == "auto" else args.device))
+    presets = ["cpu"] if args.smoke else args.presets.split(",")
+    peak = matmul_peak_gflops(device, 0.5 if args.smoke else 3.0)
+    rows = []
+    for preset in presets:
+        steps = 2 if args.smoke else (args.steps if preset == "cpu" else args.paper_steps)
+        row = measure(preset, steps, device)
+        row["fraction_of_matmul_peak"] = row["gflops"] / peak
+        rows.append(row)
+    result = {"device": str(device), "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+              "threads": torch.get_num_threads(), "machine": platform.machine(),
+              "matmul_peak_gflops": peak, "results": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"device {device}, {torch.get_num_threads()} threads, fp32 matmul peak {peak:.1f} GFLOP/s")
+    print(f"{'preset':<8}{'width':>6}{'S':>3}{'batch':>6}{'ms/step':>9}{'img/s':>8}"
+          f"{'GFLOP/step':>11}{'GFLOP/s':>9}{'of peak':>8}   profile share")
+    for r in rows:
+        share = " ".join(f"{k} {v:.0%}" for k, v in r["profile_share"].items())
+        print(f"{r['preset']:<8}{r['decoder_width']:>6}{r['num_samples']:>3}{r['batch_size']:>6}"
+              f"{r['step_ms']:>9.1f}{r['images_per_s']:>8.0f}{r['gflop_per_step']:>11.2f}"
+              f"{r['gflops']:>9.1f}{r['fraction_of_matmul_peak']:>8.0%}   {share}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""Datasets as tensors: train, validation (carved from train with a fixed seed) and test.
+
+Every dataset is 28x28 grey images in [0, 1] with integer labels. The whole split lives
+as one tensor on the training device; batches are index draws (see training.py).
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .config import DataConfig
+
+__all__ = ["DataError", "Splits", "load_splits", "read_idx", "find_idx_files", "DATA_DIR_ENV"]
+
+DATA_DIR_ENV = "GMWAE_DATA_DIR"
+IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+# Where Debian's dataset-fashion-mnist package puts the files.
+FASHION_MNIST_APT_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+class DataError(ValueError):
+    """The data could not be found or read; the message says where it looked and the fix."""
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Images (N, 1, 28, 28) float32 in [0, 1] and labels (N,) int64 for each split."""
+
+    name: str
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+    def split(self, which: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if which not in ("train", "val", "test"):
+            raise ValueError(f"`split` must be train, val or test, but got {which!r}.")
+        return getattr(self, f"{which}_x"), getattr(self, f"{which}_y")
+
+    def to(self, device: torch.device | str) -> "Splits":
+        return Splits(self.name, *(t.to(device) for t in (
+            self.train_x, self.train_y, self.val_x, self.val_y, self.test_x, self.test_y)))
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.test_y.max().item()) + 1
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read one IDX file (gzipped or not) into a numpy array."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+        zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+        if zero != 0 or dtype_code != 0x08:
+            raise DataError(f"{path} is not an unsigned-byte IDX file (header {raw[:4].hex()}).")
+        shape = struct.unpack(">" + "I" * ndim, raw[4: 4 + 4 * ndim])
+        data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+        if data.size != int(np.prod(shape)):
+            raise DataError(f"{path} is truncated: header says {shape}, file holds {data.size} bytes.")
+        return data.reshape(shape)
+    except (OSError, EOFError, struct.error) as e:
+        raise DataError(f"Could not read IDX file {path}: {e}. Replace it with a good copy.") from None
+
+
+def find_idx_files(folder: Path) -> dict[str, Path]:
+    """The four IDX files in `folder` (gzipped or not), or a DataError naming the missing ones."""
+    if not folder.is_dir():
+        raise DataError(f"Data folder {folder} does not exist. Pass --data-dir (or set "
+                        f"{DATA_DIR_ENV}) to a folder holding the four IDX files: "
+                        f"{', '.join(IDX_FILES.values())} (optionally .gz).")
+    found, missing = {}, []
+    for key, stem in IDX_FILES.items():
+        for candidate in (folder / stem, folder / (stem + ".gz")):
+            if candidate.is_file():
+                found[key] = candidate
+                break
+        else:
+            missing.append(stem)
+    if missing:
+        raise DataError(f"Data folder {folder} lacks {', '.join(missing)} (or .gz). It must hold "
+                        f"the four IDX files {', '.join(IDX_FILES.values())}; point --data-dir "
+                        f"(or {DATA_DIR_ENV}) at such a folder.")
+    return found
+
+
+def _from_idx_folder(folder: Path) -> tuple[np.ndarray, ...]:
+    files = find_idx_files(folder)
+    arrays = {k: read_idx(p) for k, p in files.items()}
+    for split in ("train", "test"):
+        n_img, n_lab = len(arrays[f"{split}_images"]), len(arrays[f"{split}_labels"])
+        if n_img != n_lab or arrays[f"{split}_images"].shape[1:] != (28, 28):
+            raise DataError(f"{folder}: {split} images {arrays[f'{split}_images'].shape} do not "
+                            f"match {n_lab} labels of 28x28 images. Check the files.")
+    return (arrays["train_images"], arrays["train_labels"], arrays["test_images"],
+            arrays["test_labels"])
+
+
+def _from_torchvision(dataset: str) -> tuple[np.ndarray, ...]:
+    """The download path for users with internet (torchvision's own mirrors)."""
+    import torchvision
+
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gmwae" / dataset
+    cls = {"mnist": torchvision.datasets.MNIST,
+           "fashion-mnist": torchvision.datasets.FashionMNIST}[dataset]
+    try:
+        train = cls(str(root), train=True, download=True)
+        test = cls(str(root), train=False, download=True)
+    except Exception as e:  # noqa: BLE001 - any network or file failure means the same to the user
+        raise DataError(
+            f"No data folder was given for {dataset} and torchvision could not download it "
+            f"({type(e).__name__}: {e}). Pass --data-dir DIR (or set {DATA_DIR_ENV}) to a folder "
+            f"with the four IDX files, or use --dataset digits, which needs no files.") from None
+    return (train.data.numpy(), train.targets.numpy(), test.data.numpy(), test.targets.numpy())
+
+
+def _digits() -> tuple[np.ndarray, ...]:
+    """scikit-learn's bundled 8x8 digits, upsampled to 28x28; a fixed 20% test split."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    img = torch.from_numpy(d.images).float().unsqueeze(1) / 16.0  # (1797, 1, 8, 8)
+    img = torch.nn.functional.interpolate(img, size=(28, 28), mode="bilinear",
+                                          align_corners=False)
+    img = (img.clamp(0, 1) * 255).round().to(torch.uint8).squeeze(1).numpy()
+    order = np.random.default_rng(1234).permutation(len(img))
+    n_test = len(img) // 5
+    test, train = order[:n_test], order[n_test:]
+    return img[train], d.target[train], img[test], d.target[test]
+
+
+def _synthetic(n_train: int = 2400, n_test: int = 600, classes: int = 10) -> tuple[np.ndarray, ...]:
+    """Ten classes of noisy bar patterns: a fast, deterministic set for tests."""
+    rng = np.random.default_rng(0)
+    templates = np.zeros((classes, 28, 28), dtype=np.float32)
+    for c in range(classes):
+        if c < 5:
+            templates[c, 3 + 5 * c: 7 + 5 * c, 2:26] = 1.0  # horizontal bar
+        else:
+            templates[c, 2:26, 3 + 5 * (c - 5): 7 + 5 * (c - 5)] = 1.0  # vertical bar
+
+    def make(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = rng.integers(0, classes, n)
+        x = templates[y] * rng.uniform(0.6, 1.0, (n, 1, 1)) + rng.normal(0, 0.1, (n, 28, 28))
+        return (np.clip(x, 0, 1) * 255).astype(np.uint8), y
+
+    train_x, train_y = make(n_train)
+    test_x, test_y = make(n_test)
+    return train_x, train_y, test_x, test_y
+
+
+def resolve_data_dir(cfg: DataConfig) -> Optional[Path]:
+    """--data-dir, else $GMWAE_DATA_DIR, else Debian's Fashion-MNIST folder, else None."""
+    if cfg.data_dir:
+        return Path(cfg.data_dir).expanduser()
+    if os.environ.get(DATA_DIR_ENV):
+        return Path(os.environ[DATA_DIR_ENV]).expanduser()
+    if cfg.dataset == "fashion-mnist" and Path(FASHION_MNIST_APT_DIR).is_dir():
+        return Path(FASHION_MNIST_APT_DIR)
+    return None
+
+
+def load_splits(cfg: DataConfig) -> Splits:
+    """Load `cfg.dataset` and carve the validation split with `cfg.split_seed`."""
+    if cfg.dataset in ("mnist", "fashion-mnist"):
+        folder = resolve_data_dir(cfg)
+        arrays = _from_idx_folder(folder) if folder is not None else _from_torchvision(cfg.dataset)
+    elif cfg.dataset == "digits":
+        arrays = _digits()
+    else:
+        arrays = _synthetic()
+    train_x, train_y, test_x, test_y = arrays
+    val_size = cfg.val_size if cfg.val_size is not None else len(train_x) // 12
+    if val_size >= len(train_x):
+        raise DataError(f"`data.val_size` must be smaller than the {len(train_x)} training "
+                        f"images of {cfg.dataset}, but got {val_size}. Lower it.")
+    order = np.random.default_rng(cfg.split_seed).permutation(len(train_x))
+    val, train = order[:val_size], order[val_size:]
+
+    def images(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.array(a, dtype=np.float32)).div_(255.0).unsqueeze(1)
+
+    def labels(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(a, dtype=np.int64))
+
+    return Splits(cfg.dataset, images(train_x[train]), labels(train_y[train]),
+                  images(train_x[val]), labels(train_y[val]), images(test_x), labels(test_y))

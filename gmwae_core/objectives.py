@@ -1,0 +1,148 @@
+"""The objectives, as pure functions: tensors in, (scalar, dict of named terms) out.
+
+GM-WAE (paper Eq. 4, authors' code):
+    L = recon_weight * E_x sum_k q(k|x) mean_s ||x - g(z_ks)||^2  +  lambda * MMD(q(z), p(z))
+GM-VAE (paper Eq. 2, the negative ELBO):
+    L = E_x [ sum_k q(k|x) (mean_s -log p(x|z_ks) + KL(q(z|k,x) || p(z|k))) + KL(q(k|x) || p(k)) ]
+Both take the expectation over k exactly: every k is decoded and weighted by q(k|x).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "IMQ_SCALES",
+    "squared_distances",
+    "imq_kernel_sum",
+    "weighted_mmd",
+    "kl_diag_gaussians",
+    "kl_categorical_uniform",
+    "wae_objective",
+    "vae_objective",
+    "moment_matching_loss",
+]
+
+# Bandwidths of the inverse-multiquadric kernel mixture, as multiples of c_base = 2 d.
+IMQ_SCALES = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+def squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """||a_i - b_j||^2 from one matmul, clamped at 0 against round-off. (N, d), (M, d) -> (N, M)."""
+    sq = (a * a).sum(1, keepdim=True) + (b * b).sum(1).unsqueeze(0) - 2.0 * (a @ b.T)
+    return sq.clamp_min(0.0)
+
+
+def imq_kernel_sum(dist2: torch.Tensor, latent_dim: int) -> torch.Tensor:
+    """Eq. 6: k(a, b) = sum_i C_i / (C_i + ||a - b||^2), C_i = 2 d * IMQ_SCALES[i]."""
+    c_base = 2.0 * latent_dim
+    out = torch.zeros_like(dist2)
+    for scale in IMQ_SCALES:
+        c = c_base * scale
+        out = out + c / (c + dist2)
+    return out
+
+
+def weighted_mmd(z_q: torch.Tensor, w_q: torch.Tensor, z_p: torch.Tensor,
+                 w_p: torch.Tensor) -> torch.Tensor:
+    """The authors' weighted U-statistic MMD between the aggregate posterior and the prior.
+
+    z_q, z_p: (N, M, d), M samples attached to each of N batch items; w_q, w_p: (N, M)
+    sample weights (posterior: q(k|x)/S, prior: 1/(K S), so each item's weights sum to 1).
+    With k the IMQ kernel sum and [n != m] leaving out same-batch-index pairs:
+
+        MMD = sum_{n!=m} sum_{a,b} w_q[n,a] w_q[m,b] k(z_q[n,a], z_q[m,b]) / (N (N-1))
+            + sum_{n!=m} sum_{a,b} w_p[n,a] w_p[m,b] k(z_p[n,a], z_p[m,b]) / (N (N-1))
+            - 2 sum_{n,m} sum_{a,b} w_q[n,a] w_p[m,b] k(z_q[n,a], z_p[m,b]) / N^2
+
+    One distance matrix over all 2 N M points serves every kernel scale. The value can be
+    slightly negative: the within terms are unbiased, the cross term is not.
+    """
+    N, M, d = z_q.shape
+    z = torch.cat([z_q.reshape(N * M, d), z_p.reshape(N * M, d)])  # (2NM, d)
+    kern = imq_kernel_sum(squared_distances(z, z), d).view(2, N, M, 2, N, M)
+    w = torch.stack([w_q, w_p])  # (2, N, M)
+    # Weighted kernel summed over samples within each (family, item) pair: (2, N, 2, N).
+    pair = torch.einsum("fna,fnagmb,gmb->fngm", w, kern, w)
+    off_diag = 1.0 - torch.eye(N, device=z.device, dtype=z.dtype)  # [n != m]
+    within_q = (pair[0, :, 0, :] * off_diag).sum() / (N * (N - 1))
+    within_p = (pair[1, :, 1, :] * off_diag).sum() / (N * (N - 1))
+    cross = pair[0, :, 1, :].sum() / (N * N)
+    return within_q + within_p - 2.0 * cross
+
+
+def kl_diag_gaussians(mean: torch.Tensor, logvar: torch.Tensor, prior_mean: torch.Tensor,
+                      prior_var: float) -> torch.Tensor:
+    """KL(N(mean, diag(exp logvar)) || N(prior_mean, prior_var I)), summed over the last dim.
+
+    0.5 * sum_i [ var_i / s^2 + (mean_i - m_i)^2 / s^2 - 1 - log(var_i / s^2) ]
+    """
+    log_ratio = logvar - math.log(prior_var)
+    return 0.5 * (torch.exp(log_ratio) + (mean - prior_mean) ** 2 / prior_var - 1.0
+                  - log_ratio).sum(-1)
+
+
+def kl_categorical_uniform(q_k_logits: torch.Tensor) -> torch.Tensor:
+    """KL(q(k|x) || 1/K) = sum_k q log q + log K, per batch item: (B, K) -> (B,)."""
+    log_q = F.log_softmax(q_k_logits, dim=-1)
+    return (log_q.exp() * log_q).sum(-1) + math.log(q_k_logits.shape[-1])
+
+
+def wae_objective(x: torch.Tensor, x_rec_logits: torch.Tensor, q_k_logits: torch.Tensor,
+                  z_q: torch.Tensor, z_p: torch.Tensor, lambda_mmd: float,
+                  recon_weight: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GM-WAE loss (Eq. 4).
+
+    x: (B, 1, 28, 28); x_rec_logits: (B, K, S, 1, 28, 28) decoder logits of z_q;
+    q_k_logits: (B, K); z_q: (B, K, S, d) posterior samples; z_p: (B, K, S, d) prior samples
+    (z_p[:, k] ~ p(z|k)).
+    """
+    B, K, S, d = z_q.shape
+    q_k = torch.softmax(q_k_logits, dim=-1)  # (B, K)
+    x_rec = torch.sigmoid(x_rec_logits)
+    sq_err = ((x.unsqueeze(1).unsqueeze(1) - x_rec) ** 2).flatten(3).sum(-1)  # (B, K, S)
+    recon = (q_k * sq_err.mean(-1)).sum(-1).mean()
+    w_q = (q_k / S).unsqueeze(-1).expand(B, K, S).reshape(B, K * S)
+    w_p = torch.full_like(w_q, 1.0 / (K * S))
+    mmd = weighted_mmd(z_q.reshape(B, K * S, d), w_q, z_p.reshape(B, K * S, d), w_p)
+    loss = recon_weight * recon + lambda_mmd * mmd
+    return loss, {"loss": loss, "recon": recon, "mmd": mmd}
+
+
+def vae_objective(x: torch.Tensor, x_rec_logits: torch.Tensor, q_k_logits: torch.Tensor,
+                  q_z_mean: torch.Tensor, q_z_logvar: torch.Tensor, prior_means: torch.Tensor,
+                  prior_var: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GM-VAE loss: the negative ELBO of Eq. 2 with the sum over k taken exactly.
+
+    recon_k is the Bernoulli negative log-likelihood of x under logits g(z_ks), averaged
+    over the S samples; both KLs are in closed form.
+    """
+    B, K, S = x_rec_logits.shape[:3]
+    q_k = torch.softmax(q_k_logits, dim=-1)  # (B, K)
+    target = x.unsqueeze(1).unsqueeze(1).expand_as(x_rec_logits)
+    nll = F.binary_cross_entropy_with_logits(x_rec_logits, target, reduction="none")
+    nll = nll.flatten(3).sum(-1).mean(-1)  # (B, K)
+    kl_z = kl_diag_gaussians(q_z_mean, q_z_logvar, prior_means, prior_var)  # (B, K)
+    kl_k = kl_categorical_uniform(q_k_logits)  # (B,)
+    recon = (q_k * nll).sum(-1).mean()
+    kl_continuous = (q_k * kl_z).sum(-1).mean()
+    kl_discrete = kl_k.mean()
+    loss = recon + kl_continuous + kl_discrete
+    return loss, {"loss": loss, "recon": recon, "kl_continuous": kl_continuous,
+                  "kl_discrete": kl_discrete}
+
+
+def moment_matching_loss(z_q: torch.Tensor, prior_means: torch.Tensor,
+                         prior_var: float) -> torch.Tensor:
+    """Encoder pretraining: each q(z|k,x) matches the mean and variance of p(z|k).
+
+    z_q: (B, K, S, d). Per k, over batch and samples:
+        sum_k ||mean(z_q[:, k]) - mu0_k||^2 + ||var(z_q[:, k]) - sigma0^2||^2, averaged over k.
+    """
+    mean = z_q.mean(dim=(0, 2))  # (K, d)
+    var = z_q.var(dim=(0, 2), unbiased=False)  # (K, d)
+    mean_loss = ((mean - prior_means) ** 2).sum(-1)
+    var_loss = ((var - prior_var) ** 2).sum(-1)
+    return (mean_loss + var_loss).mean()

@@ -1,0 +1,183 @@
+"""The `gmwae` command.
+
+    gmwae train --family gmwae --preset cpu --dataset digits --epochs 5 --out runs/digits-wae
+    gmwae train --family gmwae --preset cpu --dataset mnist --data-dir ../shared/data/mnist \\
+                --minutes 20 --out runs/mnist-wae
+    gmwae train --family gmvae --preset cpu --dataset mnist --init-from runs/mnist-wae/checkpoint \\
+                --epochs 2 --out runs/vae-from-wae          # paper Fig. 4
+    gmwae evaluate runs/mnist-wae/checkpoint --check
+    gmwae train --smoke --out /tmp/smoke                    # seconds, no files needed
+
+User errors (bad config, data, checkpoint) print one line and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+__all__ = ["main"]
+
+EXIT_USER_ERROR = 2
+EXIT_TRAINING_FAILED = 1
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train one GM-WAE or GM-VAE and write metrics, figures, "
+                                     "checkpoint")
+    p.add_argument("--family", choices=["gmwae", "gmvae"], default="gmwae")
+    p.add_argument("--preset", choices=["paper", "cpu"], default="cpu",
+                   help="paper: Section 3 of the paper (GPU); cpu: narrower decoder, S=1 (default)")
+    p.add_argument("--dataset", choices=["mnist", "fashion-mnist", "digits", "synthetic"],
+                   default=None, help="default: mnist")
+    p.add_argument("--data-dir", default=None,
+                   help="folder with the four IDX files (default: $GMWAE_DATA_DIR, then download)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--epochs", type=int, default=None, help="epochs to train")
+    budget.add_argument("--minutes", type=float, default=None,
+                        help="wall-clock training budget in minutes instead of a number of epochs")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set model.K=12 --set lr=1e-3")
+    p.add_argument("--init-from", default=None, metavar="CHECKPOINT_DIR",
+                   help="start from another run's weights (e.g. a GM-VAE from a GM-WAE)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--smoke", action="store_true",
+                   help="a seconds-long run on the synthetic set (for tests and a first look)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="recompute the test metrics of a saved checkpoint")
+    p.add_argument("checkpoint", help="a checkpoint folder (OUT/checkpoint of a run, or an export)")
+    p.add_argument("--dataset", choices=["mnist", "fashion-mnist", "digits", "synthetic"],
+                   default=None, help="default: the checkpoint's dataset")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--json", dest="json_out", default=None, help="also write the metrics here")
+    p.add_argument("--check", action="store_true",
+                   help="exit 1 unless every saved test metric is reproduced exactly")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gmwae", description=__doc__.split("\n")[0] or None,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_evaluate(sub)
+    return parser
+
+
+class _Bar:
+    """tqdm progress for gmwae_core.Progress: steps, then val accuracy per epoch."""
+
+    def __init__(self, quiet: bool):
+        self.quiet, self.bar = quiet, None
+
+    def start(self, total_steps: int, budget_seconds: Optional[float]) -> None:
+        if self.quiet:
+            return
+        from tqdm import tqdm
+
+        desc = f"train (budget {budget_seconds / 60:g} min)" if budget_seconds else "train"
+        self.bar = tqdm(total=None if budget_seconds else total_steps, desc=desc, unit="step",
+                        mininterval=1.0, file=sys.stderr)
+
+    def step(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def epoch(self, epoch: int, row: dict) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(epoch=epoch, val_acc=f"{row['val/cluster_acc']:.3f}",
+                                 active=int(row["val/active_components"]))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _train(args: argparse.Namespace) -> int:
+    from gmwae_core import Progress, from_preset, parse_overrides, train_run
+
+    overrides: dict = {}
+    if args.smoke:
+        overrides.update({"dataset": "synthetic", "epochs": 1, "decoder_width": 8,
+                          "batch_size": 32, "pretrain_steps": 5})
+    if args.dataset:
+        overrides["dataset"] = args.dataset
+    if args.data_dir:
+        overrides["data_dir"] = args.data_dir
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    if args.minutes is not None:
+        overrides.update({"minutes": args.minutes, "epochs": 1_000_000})
+    overrides.update(parse_overrides(args.overrides))
+    cfg = from_preset(args.preset, overrides, family=args.family)
+
+    class Bar(_Bar, Progress):
+        pass
+
+    metrics = train_run(cfg, args.out, init_from=args.init_from, progress=Bar(args.quiet))
+    _print_summary(metrics, Path(args.out))
+    return 0
+
+
+def _print_summary(metrics: dict, out: Path) -> None:
+    keys = ["cluster_acc", "cluster_acc_greedy", "nmi", "ari", "active_components",
+            "assignment_entropy", "mmd", "recon_mse"]
+    print(f"{'metric':<22}{'val':>10}{'test':>10}")
+    for k in keys:
+        print(f"{k:<22}{metrics.get('val/' + k, float('nan')):>10.4f}"
+              f"{metrics.get('test/' + k, float('nan')):>10.4f}")
+    print(f"epochs {metrics['run/epochs']:.0f}, steps {metrics['run/steps']:.0f}, "
+          f"training {metrics['run/train_seconds']:.0f} s")
+    print(f"wrote {out / 'metrics.json'}, {out / 'figures'}/, {out / 'checkpoint'}/")
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from gmwae_core import evaluate_checkpoint
+
+    overrides = {}
+    if args.dataset:
+        overrides["dataset"] = args.dataset
+    if args.data_dir:
+        overrides["data_dir"] = args.data_dir
+    recomputed, saved = evaluate_checkpoint(args.checkpoint, overrides)
+    print(f"{'metric':<26}{'recomputed':>12}{'saved':>12}")
+    mismatched = []
+    for key, value in recomputed.items():
+        old = saved.get(key)
+        print(f"{key:<26}{value:>12.6f}{'' if old is None else f'{old:12.6f}':>12}")
+        if old is not None and old != value:
+            mismatched.append(key)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(recomputed, indent=2, sort_keys=True))
+    if args.check:
+        if overrides:
+            print("--check compares against the saved metrics; it cannot be combined with a "
+                  "different --dataset or --data-dir.", file=sys.stderr)
+            return EXIT_USER_ERROR
+        if mismatched or not any(k in saved for k in recomputed):
+            print(f"not reproduced: {mismatched or 'no saved test metrics'}", file=sys.stderr)
+            return EXIT_TRAINING_FAILED
+        print("all saved test metrics reproduced exactly")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from gmwae_core import CheckpointError, ConfigError, DataError, NonFiniteLossError
+
+    try:
+        return {"train": _train, "evaluate": _evaluate}[args.command](args)
+    except (ConfigError, DataError, CheckpointError) as e:
+        print(f"gmwae {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except NonFiniteLossError as e:
+        print(f"gmwae {args.command}: training failed: {e}", file=sys.stderr)
+        return EXIT_TRAINING_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
