@@ -100,6 +100,8 @@ class TrainConfig:
     """Epochs to train, unless `minutes` stops it first."""
     minutes: Optional[float] = None
     """Wall-clock budget for training in minutes (pretraining included); None: no budget."""
+    warmup_steps: int = 0
+    """Steps over which the learning rate rises linearly from 0 to `lr`; 0: none."""
     pretrain_steps: int = 500
     """Steps that fit the q(z|k,x) nets to the prior's moments first; 0 turns it off."""
     seed: int = 0
@@ -123,6 +125,8 @@ class TrainConfig:
                "Use --minutes for a time budget instead.")
         _check(self.minutes is None or self.minutes > 0, "train.minutes",
                "must be positive when given", self.minutes, "Leave it unset for no budget.")
+        _check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0", self.warmup_steps,
+               "Use 0 to turn warm-up off.")
         _check(self.pretrain_steps >= 0, "train.pretrain_steps", "must be >= 0",
                self.pretrain_steps, "Use 0 to turn pretraining off.")
         _check(self.history_every >= 1, "train.history_every", "must be at least 1",

@@ -6,7 +6,7 @@
     interpolations.png      decoded straight lines between the codes of two test images            (3a)
     mode_interpolations.png decoded straight lines between neighbouring mode means mu0_k           (3b)
     label_by_k.png          E[q(k|x) | label]                                                      (5a)
-    latent_embedding.png    2-D PCA of z ~ q(z|x) on test images, by label, with prior samples     (5b)
+    latent_embedding.png    2-D t-SNE of z ~ q(z|x) on test images, by label, with prior samples   (5b)
 
 matplotlib is imported here only (Agg backend): the training loop never pays for it.
 """
@@ -128,8 +128,8 @@ def write_figures(trainer: Trainer, result: EvalResult, folder: str | Path, spli
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
 
-    # 5b: z ~ q(z|x) = sum_k q(k|x) q(z|k,x) for up to 1000 test images, and 1000 prior samples.
-    from sklearn.decomposition import PCA
+    # 5b (the paper uses UMAP): z ~ q(z|x) = sum_k q(k|x) q(z|k,x) for up to 1000 test images, and 1000 prior samples.
+    from sklearn.manifold import TSNE
 
     n = min(1000, len(x_all))
     logits, mean, logvar = trainer.model.encode(x_all[:n])
@@ -140,13 +140,14 @@ def write_figures(trainer: Trainer, result: EvalResult, folder: str | Path, spli
     k_p = torch.randint(0, K, (n,), generator=gen, device=x_all.device)
     z_p = prior.means[k_p] + prior.sigma0 * torch.randn(z_q.shape, generator=gen, device=x_all.device)
     both = torch.cat([z_q, z_p]).cpu().numpy()
-    emb = PCA(n_components=2, random_state=0).fit_transform(both) if both.shape[1] > 2 else both
+    emb = (TSNE(n_components=2, init="pca", perplexity=min(30.0, (2 * n - 1) / 3), random_state=0)
+           .fit_transform(both) if both.shape[1] > 2 else both)
     fig, ax = plt.subplots(figsize=(6, 5))
     ax.scatter(emb[n:, 0], emb[n:, 1], s=4, c="lightgrey", label="prior samples")
     sc = ax.scatter(emb[:n, 0], emb[:n, 1], s=4, c=y_all[:n].cpu().numpy(), cmap="tab10")
     fig.colorbar(sc, ax=ax, label="label")
     ax.legend(loc="best", fontsize=8)
-    ax.set_title("z ~ q(z|x) on test images (PCA), prior samples in grey")
+    ax.set_title("z ~ q(z|x) on test images (t-SNE), prior samples in grey")
     fig.tight_layout()
     paths.append(folder / "latent_embedding.png")
     fig.savefig(paths[-1], dpi=100)

@@ -35,14 +35,30 @@ def squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return sq.clamp_min(0.0)
 
 
+class _IMQKernelSum(torch.autograd.Function):
+    """sum_i C_i / (C_i + D), fused: one saved tensor instead of one per scale."""
+
+    @staticmethod
+    def forward(ctx, dist2: torch.Tensor, cs: tuple[float, ...]) -> torch.Tensor:
+        ctx.save_for_backward(dist2)
+        ctx.cs = cs
+        out = torch.zeros_like(dist2)
+        for c in cs:
+            out.add_(c / (c + dist2))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (dist2,) = ctx.saved_tensors
+        d_out = torch.zeros_like(dist2)
+        for c in ctx.cs:
+            d_out.sub_(c / (c + dist2) ** 2)  # d/dD C / (C + D) = -C / (C + D)^2
+        return grad * d_out, None
+
+
 def imq_kernel_sum(dist2: torch.Tensor, latent_dim: int) -> torch.Tensor:
     """Eq. 6: k(a, b) = sum_i C_i / (C_i + ||a - b||^2), C_i = 2 d * IMQ_SCALES[i]."""
-    c_base = 2.0 * latent_dim
-    out = torch.zeros_like(dist2)
-    for scale in IMQ_SCALES:
-        c = c_base * scale
-        out = out + c / (c + dist2)
-    return out
+    return _IMQKernelSum.apply(dist2, tuple(2.0 * latent_dim * s for s in IMQ_SCALES))
 
 
 def weighted_mmd(z_q: torch.Tensor, w_q: torch.Tensor, z_p: torch.Tensor,
@@ -62,15 +78,15 @@ def weighted_mmd(z_q: torch.Tensor, w_q: torch.Tensor, z_p: torch.Tensor,
     """
     N, M, d = z_q.shape
     z = torch.cat([z_q.reshape(N * M, d), z_p.reshape(N * M, d)])  # (2NM, d)
-    kern = imq_kernel_sum(squared_distances(z, z), d).view(2, N, M, 2, N, M)
-    w = torch.stack([w_q, w_p])  # (2, N, M)
-    # Weighted kernel summed over samples within each (family, item) pair: (2, N, 2, N).
-    pair = torch.einsum("fna,fnagmb,gmb->fngm", w, kern, w)
-    off_diag = 1.0 - torch.eye(N, device=z.device, dtype=z.dtype)  # [n != m]
-    within_q = (pair[0, :, 0, :] * off_diag).sum() / (N * (N - 1))
-    within_p = (pair[1, :, 1, :] * off_diag).sum() / (N * (N - 1))
-    cross = pair[0, :, 1, :].sum() / (N * N)
-    return within_q + within_p - 2.0 * cross
+    kern = imq_kernel_sum(squared_distances(z, z), d)  # (2NM, 2NM)
+    weights = torch.block_diag(w_q.reshape(-1, 1), w_p.reshape(-1, 1))  # (2NM, 2)
+    sums = weights.T @ (kern @ weights)  # (2, 2): all-pairs weighted sums qq, qp; pq, pp
+    blocks = kern.view(2, N, M, 2, N, M)
+    # The n == m pairs the within terms leave out: diagonal blocks, (M, M, N) each.
+    same_q = torch.einsum("abn,na,nb->", torch.diagonal(blocks[0, :, :, 0], dim1=0, dim2=2), w_q, w_q)
+    same_p = torch.einsum("abn,na,nb->", torch.diagonal(blocks[1, :, :, 1], dim1=0, dim2=2), w_p, w_p)
+    within = (sums[0, 0] - same_q + sums[1, 1] - same_p) / (N * (N - 1))
+    return within - 2.0 * sums[0, 1] / (N * N)
 
 
 def kl_diag_gaussians(mean: torch.Tensor, logvar: torch.Tensor, prior_mean: torch.Tensor,

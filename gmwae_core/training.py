@@ -171,6 +171,9 @@ class Trainer:
             with record_function("backward"):
                 loss.backward()
             with record_function("optimizer"):
+                if self.step < self.cfg.train.warmup_steps:
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = self.cfg.train.lr * (self.step + 1) / self.cfg.train.warmup_steps
                 if self.cfg.train.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
                 self.optimizer.step()

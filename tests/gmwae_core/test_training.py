@@ -117,3 +117,12 @@ def test_minutes_budget_stops_training():
     t = small_trainer(minutes=0.002)  # 0.12 s
     t.train_steps(10_000)
     assert t.budget_exhausted and t.step < 10_000
+
+
+def test_warmup_raises_the_learning_rate_linearly_then_holds_it():
+    t = small_trainer(warmup_steps=4, lr=1e-3)
+    lrs = []
+    for _ in range(6):
+        t.train_steps(1)
+        lrs.append(t.optimizer.param_groups[0]["lr"])
+    assert lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
