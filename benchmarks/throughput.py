@@ -70,11 +70,52 @@ def forward_macs(trainer: Trainer) -> float:
     return macs
 
 
-def measure(preset: str, steps: int, device: torch.device) -> dict:
-    cfg = from_preset(preset, {"dataset": "synthetic", "pretrain_steps": 0,
-                               "device": device.type, "family": "gmwae"})
+def _time(fn, reps: int, device: torch.device) -> float:
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / reps
+
+
+def component_ms(trainer: Trainer, reps: int) -> dict[str, float]:
+    """Forward + backward of each part alone, at the step's shapes (ms)."""
+    from gmwae_core.objectives import weighted_mmd
+
+    m, B, dev = trainer.cfg.model, trainer.cfg.train.batch_size, trainer.device
+    model, x = trainer.model, trainer.splits.train_x[:B]
+    S, KS = m.num_samples, m.K * m.num_samples
+
+    def encoders():
+        q_k_logits, mean, logvar = model.encode(x)
+        (q_k_logits.sum() + model.sample_z(mean, logvar, S).sum()).backward()
+
+    def decoder():
+        trainer._decode(torch.randn(B, m.K, S, m.latent_dim, device=dev, requires_grad=True)).sum().backward()
+
+    def mmd():
+        z_q = torch.randn(B, KS, m.latent_dim, device=dev, requires_grad=True)
+        w = torch.full((B, KS), 1.0 / KS, device=dev)
+        weighted_mmd(z_q, w, torch.randn(B, KS, m.latent_dim, device=dev), w).backward()
+
+    out = {name: 1e3 * _time(fn, reps, dev) for name, fn in
+           (("encoders", encoders), ("decoder", decoder), ("mmd", mmd))}
+    out["optimizer"] = 1e3 * _time(trainer.optimizer.step, reps, dev)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return out
+
+
+def measure(variant: str, steps: int, device: torch.device) -> dict:
+    """`variant` is a preset name, optionally with "+compile" (torch.compile the decoder)."""
+    preset, _, extra = variant.partition("+")
+    cfg = from_preset(preset, {"dataset": "synthetic", "pretrain_steps": 0, "device": device.type,
+                               "family": "gmwae", "compile": extra == "compile"})
     trainer = Trainer(cfg, load_splits(cfg.data))
-    trainer.train_steps(2)  # warm-up: allocator, oneDNN/cuDNN plans
+    trainer.train_steps(2 if steps >= 5 else 1)  # warm-up: allocator, oneDNN/cuDNN plans, compile
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -85,17 +126,19 @@ def measure(preset: str, steps: int, device: torch.device) -> dict:
     flops = 3 * 2 * forward_macs(trainer)
     with profile(activities=[ProfilerActivity.CPU] + (
             [ProfilerActivity.CUDA] if device.type == "cuda" else [])) as prof:
-        trainer.train_steps(max(2, min(steps, 5)))
+        trainer.train_steps(min(steps, 5))
     regions = {e.key: e.cpu_time_total / 1e3 for e in prof.key_averages() if e.key in REGIONS}
+    parts = component_ms(trainer, min(steps, 5))
     total = sum(regions.values())
     m = cfg.model
     return {
-        "preset": preset, "decoder_width": m.decoder_width, "num_samples": m.num_samples,
+        "preset": variant, "decoder_width": m.decoder_width, "num_samples": m.num_samples,
         "batch_size": cfg.train.batch_size, "codes_per_step": cfg.train.batch_size * m.K * m.num_samples,
         "step_ms": 1e3 * step_s, "steps_per_s": 1 / step_s,
         "images_per_s": cfg.train.batch_size / step_s, "gflop_per_step": flops / 1e9,
         "gflops": flops / step_s / 1e9,
         "profile_share": {k: regions.get(k, 0.0) / total for k in REGIONS},
+        "component_ms": parts,
         "top_ops": [(e.key, e.self_cpu_time_total / 1e3) for e in sorted(
             prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:8]],
     }
@@ -103,9 +146,10 @@ def measure(preset: str, steps: int, device: torch.device) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--presets", default="cpu,paper")
+    p.add_argument("--presets", default="cpu,cpu+compile,paper",
+                   help="comma-separated presets; PRESET+compile also compiles the decoder")
     p.add_argument("--steps", type=int, default=30, help="timed steps for the cpu preset")
-    p.add_argument("--paper-steps", type=int, default=3, help="timed steps for the paper preset")
+    p.add_argument("--paper-steps", type=int, default=2, help="timed steps for the paper preset")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--out", default="benchmarks/results/throughput.json")
     p.add_argument("--smoke", action="store_true", help="cpu preset, 2 steps")
@@ -116,7 +160,7 @@ def main() -> int:
     peak = matmul_peak_gflops(device, 0.5 if args.smoke else 3.0)
     rows = []
     for preset in presets:
-        steps = 2 if args.smoke else (args.steps if preset == "cpu" else args.paper_steps)
+        steps = 2 if args.smoke else (args.paper_steps if preset.startswith("paper") else args.steps)
         row = measure(preset, steps, device)
         row["fraction_of_matmul_peak"] = row["gflops"] / peak
         rows.append(row)
@@ -126,11 +170,12 @@ def main() -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"device {device}, {torch.get_num_threads()} threads, fp32 matmul peak {peak:.1f} GFLOP/s")
-    print(f"{'preset':<8}{'width':>6}{'S':>3}{'batch':>6}{'ms/step':>9}{'img/s':>8}"
-          f"{'GFLOP/step':>11}{'GFLOP/s':>9}{'of peak':>8}   profile share")
+    print(f"{'preset':<13}{'width':>6}{'S':>3}{'batch':>6}{'ms/step':>9}{'img/s':>8}"
+          f"{'GFLOP/step':>11}{'GFLOP/s':>9}{'of peak':>8}   fwd+bwd ms alone | profile share")
     for r in rows:
-        share = " ".join(f"{k} {v:.0%}" for k, v in r["profile_share"].items())
-        print(f"{r['preset']:<8}{r['decoder_width']:>6}{r['num_samples']:>3}{r['batch_size']:>6}"
+        share = " ".join(f"{k} {v:.0f}" for k, v in r["component_ms"].items()) + " | " + " ".join(
+            f"{k} {v:.0%}" for k, v in r["profile_share"].items())
+        print(f"{r['preset']:<13}{r['decoder_width']:>6}{r['num_samples']:>3}{r['batch_size']:>6}"
               f"{r['step_ms']:>9.1f}{r['images_per_s']:>8.0f}{r['gflop_per_step']:>11.2f}"
               f"{r['gflops']:>9.1f}{r['fraction_of_matmul_peak']:>8.0%}   {share}")
     print(f"wrote {args.out}")

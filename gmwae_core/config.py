@@ -112,6 +112,8 @@ class TrainConfig:
     """auto (CUDA when available), cpu or cuda."""
     grad_clip: Optional[float] = None
     """Clip the global gradient norm to this value; None: no clipping."""
+    compile: bool = False
+    """torch.compile the decoder (the hot path); costs a one-off compile at the first step."""
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 2, "train.batch_size",
@@ -226,6 +228,13 @@ def _coerce(cls: type, name: str, value: Any, prefix: str) -> Any:
         if optional:
             return None
         raise ConfigError(f"`{key}` must be a {base.__name__}, but got None. Give a value.")
+    if base is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            value = value.lower() in ("true", "1", "yes")
+        if not isinstance(value, bool):
+            raise ConfigError(f"`{key}` must be true or false, but got {value!r}. "
+                              f"Write {key}=true or {key}=false.")
+        return value
     if isinstance(value, str) and base is not str:
         try:
             value = {int: int, float: float}[base](value) if base in (int, float) else value

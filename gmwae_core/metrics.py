@@ -19,6 +19,7 @@ __all__ = [
     "cluster_acc_greedy",
     "label_by_k",
     "active_components",
+    "active_from_counts",
     "assignment_entropy",
     "mean_entropy",
     "clustering_metrics",
@@ -73,10 +74,15 @@ def cluster_acc_greedy(labels: np.ndarray, q_k: np.ndarray) -> float:
     return float((k_to_label[q_k.argmax(1)] == labels).mean())
 
 
+def active_from_counts(counts: np.ndarray | torch.Tensor) -> int:
+    """Number of k whose share of the argmax counts (K,) is at least 1/(4K)."""
+    K = len(counts)
+    return int((counts / max(float(counts.sum()), 1.0) >= 1.0 / (4 * K)).sum())
+
+
 def active_components(clusters: np.ndarray, K: int) -> int:
     """Number of k whose share of argmax assignments is at least 1/(4K)."""
-    share = np.bincount(clusters, minlength=K) / max(len(clusters), 1)
-    return int((share >= 1.0 / (4 * K)).sum())
+    return active_from_counts(np.bincount(clusters, minlength=K))
 
 
 def assignment_entropy(q_k: np.ndarray | torch.Tensor) -> float:

@@ -73,20 +73,25 @@ def weighted_mmd(z_q: torch.Tensor, w_q: torch.Tensor, z_p: torch.Tensor,
             + sum_{n!=m} sum_{a,b} w_p[n,a] w_p[m,b] k(z_p[n,a], z_p[m,b]) / (N (N-1))
             - 2 sum_{n,m} sum_{a,b} w_q[n,a] w_p[m,b] k(z_q[n,a], z_p[m,b]) / N^2
 
-    One distance matrix over all 2 N M points serves every kernel scale. The value can be
-    slightly negative: the within terms are unbiased, the cross term is not.
+    Each block of distances (qq, qp, pp) is computed once and serves every kernel scale.
+    The blocks are kept apart so that pp, a constant when only z_q carries gradients,
+    gets no backward pass, and qp is not computed twice. The value can be slightly
+    negative: the within terms are unbiased, the cross term is not.
     """
     N, M, d = z_q.shape
-    z = torch.cat([z_q.reshape(N * M, d), z_p.reshape(N * M, d)])  # (2NM, d)
-    kern = imq_kernel_sum(squared_distances(z, z), d)  # (2NM, 2NM)
-    weights = torch.block_diag(w_q.reshape(-1, 1), w_p.reshape(-1, 1))  # (2NM, 2)
-    sums = weights.T @ (kern @ weights)  # (2, 2): all-pairs weighted sums qq, qp; pq, pp
-    blocks = kern.view(2, N, M, 2, N, M)
-    # The n == m pairs the within terms leave out: diagonal blocks, (M, M, N) each.
-    same_q = torch.einsum("abn,na,nb->", torch.diagonal(blocks[0, :, :, 0], dim1=0, dim2=2), w_q, w_q)
-    same_p = torch.einsum("abn,na,nb->", torch.diagonal(blocks[1, :, :, 1], dim1=0, dim2=2), w_p, w_p)
-    within = (sums[0, 0] - same_q + sums[1, 1] - same_p) / (N * (N - 1))
-    return within - 2.0 * sums[0, 1] / (N * N)
+    zq, zp = z_q.reshape(N * M, d), z_p.reshape(N * M, d)
+    wq, wp = w_q.reshape(-1), w_p.reshape(-1)
+    k_qq = imq_kernel_sum(squared_distances(zq, zq), d)  # (NM, NM)
+    k_pp = imq_kernel_sum(squared_distances(zp, zp), d)
+    k_qp = imq_kernel_sum(squared_distances(zq, zp), d)
+
+    def within(kern: torch.Tensor, w_flat: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        # All pairs, less the n == m pairs: the diagonal blocks, (M, M, N).
+        same = torch.einsum("abn,na,nb->", torch.diagonal(kern.view(N, M, N, M), dim1=0, dim2=2),
+                            w, w)
+        return (w_flat @ kern @ w_flat - same) / (N * (N - 1))
+
+    return within(k_qq, wq, w_q) + within(k_pp, wp, w_p) - 2.0 * (wq @ k_qp @ wp) / (N * N)
 
 
 def kl_diag_gaussians(mean: torch.Tensor, logvar: torch.Tensor, prior_mean: torch.Tensor,

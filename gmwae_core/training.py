@@ -22,7 +22,7 @@ from torch.profiler import record_function
 
 from .config import ConfigError, RunConfig
 from .data import Splits
-from .metrics import active_components, assignment_entropy, clustering_metrics, label_by_k
+from .metrics import active_from_counts, assignment_entropy, clustering_metrics, label_by_k
 from .networks import GMLVM
 from .objectives import (kl_categorical_uniform, kl_diag_gaussians, moment_matching_loss,
                          vae_objective, wae_objective, weighted_mmd)
@@ -71,6 +71,8 @@ class Trainer:
         m = cfg.model
         self.prior = MixturePrior.build(m.K, m.latent_dim, m.prior_overlap, m.prior_seed).to(self.device)
         self.model = GMLVM(m).to(self.device)
+        # Compiled separately so that the state_dict keeps the plain module's names.
+        self._decode = torch.compile(self.model.decoder) if cfg.train.compile else self.model.decoder
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr,
                                           betas=(cfg.train.beta1, 0.999))
         self.splits = splits.to(self.device)
@@ -138,7 +140,7 @@ class Trainer:
             q_k_logits, q_z_mean, q_z_logvar = self.model.encode(x)
             z_q = self.model.sample_z(q_z_mean, q_z_logvar, m.num_samples, self.generator)
         with record_function("decoder"):
-            x_rec_logits = self.model.decoder(z_q)  # (B, K, S, 1, 28, 28): all codes, one pass
+            x_rec_logits = self._decode(z_q)  # (B, K, S, 1, 28, 28): all codes, one pass
         if self.cfg.family == "gmwae":
             with record_function("mmd"):
                 z_p = self.prior.sample((x.shape[0], m.num_samples), self.generator)  # (B, S, K, d)
@@ -194,19 +196,18 @@ class Trainer:
         if done == 0:
             return {}
         out = {f"train/{k}": float(v) / done for k, v in sums.items()}
-        out["train/active_components"] = float(active_components(
-            np.repeat(np.arange(K), counts.long().cpu().numpy()), K))
+        out["train/active_components"] = float(active_from_counts(counts))
+        # Aggregate q(k) over the steps' images: (1, K) mean responsibilities.
         out["train/assignment_entropy"] = assignment_entropy(q_k_sum.unsqueeze(0) / counts.sum())
         self._check_finite(out)
         return out
 
     def _record(self, terms: dict[str, torch.Tensor], q_k: torch.Tensor,
                 batch_counts: torch.Tensor) -> None:
-        K = self.cfg.model.K
         row = {"step": float(self.step)}
         row.update({k: float(v.detach()) for k, v in terms.items()})
         row["assignment_entropy"] = assignment_entropy(q_k)
-        row["active_components"] = float((batch_counts / batch_counts.sum() >= 1 / (4 * K)).sum())
+        row["active_components"] = float(active_from_counts(batch_counts))
         self.history.append(row)
         self._check_finite(row)
 

@@ -18,6 +18,7 @@ def test_overrides_take_dotted_and_bare_keys_and_parse_strings():
                       family="gmvae")
     assert cfg.model.K == 12 and cfg.train.lr == 0.002 and cfg.train.minutes is None
     assert cfg.family == "gmvae"
+    assert from_preset("cpu", {"compile": "true"}).train.compile is True
 
 
 @pytest.mark.parametrize("overrides,pattern", [
@@ -28,6 +29,7 @@ def test_overrides_take_dotted_and_bare_keys_and_parse_strings():
     ({"batch_size": 0}, r"`train.batch_size` must be at least 2.*0"),
     ({"family": "vae"}, r"`family` must be one of"),
     ({"dataset": "cifar"}, r"`data.dataset` must be one of"),
+    ({"compile": "maybe"}, r"`train.compile` must be true or false, but got 'maybe'"),
 ])
 def test_bad_values_are_rejected_by_name(overrides, pattern):
     with pytest.raises(ConfigError, match=pattern):

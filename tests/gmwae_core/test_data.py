@@ -33,7 +33,7 @@ def test_idx_folder_loads_gzipped_or_not(tmp_path, compress):
     assert s.test_x.shape == (30, 1, 28, 28) and s.test_y.dtype == torch.int64
     assert 0.0 <= s.train_x.min() and s.train_x.max() <= 1.0
     raw = read_idx(next(tmp_path.glob("t10k-images*")))
-    assert torch.equal(s.test_x.squeeze(1), torch.from_numpy(raw).float() / 255)
+    assert torch.equal(s.test_x.squeeze(1), torch.from_numpy(raw.copy()).float() / 255)
 
 
 def test_missing_idx_files_are_named(tmp_path):

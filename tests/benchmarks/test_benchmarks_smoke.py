@@ -1,0 +1,41 @@
+"""The benchmarks' smoke modes, end to end: they run, print a table and write JSON."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parents[2]
+
+
+def run(script, *args):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *map(str, args)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_quality_smoke_compares_both_families_with_kmeans(tmp_path):
+    out = run("quality.py", "--smoke", "--out", tmp_path / "q.json", "--runs", tmp_path / "runs")
+    result = json.loads((tmp_path / "q.json").read_text())
+    assert set(result["families"]) == {"gmwae", "gmvae"}
+    for r in [*result["families"].values(), result["kmeans"]]:
+        assert 0.0 < r["test/cluster_acc"] <= 1.0
+        assert r["test/cluster_acc_greedy"] <= r["test/cluster_acc"] + 1e-12
+    # K-means on the synthetic bars separates them well: the anchor is a real measurement.
+    assert result["kmeans"]["test/cluster_acc"] > 0.5
+    assert set(result["targets"]) == {"gmwae_beats_kmeans", "gmwae_all_modes_active",
+                                      "gmvae_collapsed_le_3"}
+    assert "kmeans" in out and "targets" in out
+
+
+def test_throughput_smoke_reports_flops_against_a_measured_peak(tmp_path):
+    out = run("throughput.py", "--smoke", "--out", tmp_path / "t.json")
+    result = json.loads((tmp_path / "t.json").read_text())
+    assert result["matmul_peak_gflops"] > 1.0
+    row = result["results"][0]
+    assert row["preset"] == "cpu" and row["steps_per_s"] > 0 and row["gflop_per_step"] > 1.0
+    assert row["fraction_of_matmul_peak"] == row["gflops"] / result["matmul_peak_gflops"]
+    assert abs(sum(row["profile_share"].values()) - 1.0) < 1e-6
+    assert row["profile_share"]["decoder"] > 0 and row["profile_share"]["mmd"] > 0
+    assert set(row["component_ms"]) == {"encoders", "decoder", "mmd", "optimizer"}
+    assert "of peak" in out
