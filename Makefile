@@ -1,5 +1,5 @@
 # gmwae-studies: set-up, demo, tests and benchmarks.
-#   make demo        set up .venv, then train a GM-WAE on scikit-learn's digits (offline, ~3 min)
+#   make demo        set up .venv, then train a GM-WAE on scikit-learn's digits (offline, ~75 s)
 #   make test        set up .venv, then run the test suite
 #   make quality     benchmarks/quality.py on MNIST (2 x 20 min on 2 cores)
 #   make throughput  benchmarks/throughput.py
