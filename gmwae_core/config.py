@@ -26,6 +26,8 @@ __all__ = [
     "RunConfig",
     "from_preset",
     "parse_overrides",
+    "reject_unknown_keys",
+    "coerce_field",
 ]
 
 FAMILIES = ("gmwae", "gmvae")
@@ -182,15 +184,15 @@ class RunConfig:
         """Inverse of `to_dict`; missing keys take defaults, unknown keys are errors."""
         if not isinstance(d, dict):
             raise ConfigError(f"A run config must be a mapping, but got {type(d).__name__}.")
-        _reject_unknown(d, {f.name for f in fields(cls)}, "")
+        reject_unknown_keys(d, {f.name for f in fields(cls)}, "")
         parts = {}
         for name, sub in (("model", ModelConfig), ("train", TrainConfig), ("data", DataConfig)):
             raw = d.get(name, {})
             if not isinstance(raw, dict):
                 raise ConfigError(f"`{name}` must be a mapping, but got {raw!r}.")
-            _reject_unknown(raw, {f.name for f in fields(sub)}, name + ".")
-            parts[name] = sub(**{k: _coerce(sub, k, v, name + ".") for k, v in raw.items()})
-        family = _coerce(cls, "family", d["family"], "") if "family" in d else cls.family
+            reject_unknown_keys(raw, {f.name for f in fields(sub)}, name + ".")
+            parts[name] = sub(**{k: coerce_field(sub, k, v, name + ".") for k, v in raw.items()})
+        family = coerce_field(cls, "family", d["family"], "") if "family" in d else cls.family
         return cls(family=family, **parts)
 
     def replace(self, overrides: dict[str, Any]) -> "RunConfig":
@@ -205,7 +207,8 @@ class RunConfig:
         return RunConfig.from_dict(d)
 
 
-def _reject_unknown(d: dict, allowed: set[str], prefix: str) -> None:
+def reject_unknown_keys(d: dict, allowed: set[str], prefix: str) -> None:
+    """ConfigError for the first key of `d` not in `allowed`, with the closest valid key."""
     for key in d:
         if key not in allowed:
             close = difflib.get_close_matches(str(key), sorted(allowed), n=1)
@@ -218,8 +221,8 @@ def _field_type(cls: type, name: str) -> Any:
     return typing.get_type_hints(cls)[name]
 
 
-def _coerce(cls: type, name: str, value: Any, prefix: str) -> Any:
-    """Check `value` against the field's type; strings (from --set) are parsed."""
+def coerce_field(cls: type, name: str, value: Any, prefix: str) -> Any:
+    """Check `value` against dataclass `cls`'s field type; strings (from --set) are parsed."""
     hint = _field_type(cls, name)
     optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
     base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint

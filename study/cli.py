@@ -7,6 +7,7 @@
                 --epochs 2 --out runs/vae-from-wae          # paper Fig. 4
     gmwae evaluate runs/mnist-wae/checkpoint --check
     gmwae train --smoke --out /tmp/smoke                    # seconds, no files needed
+    gmwae study run studies/smoke.yaml                      # a whole study, local Ray, sqlite stores
 
 User errors (bad config, data, checkpoint) print one line and exit with status 2.
 """
@@ -59,12 +60,27 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                    help="exit 1 unless every saved test metric is reproduced exactly")
 
 
+def _add_study(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("study", help="hyperparameter studies over both families (Ray Tune, "
+                                     "Optuna, MLflow)")
+    study_sub = p.add_subparsers(dest="study_command", required=True)
+    run = study_sub.add_parser("run", help="run a study spec (YAML) to its trial budget")
+    run.add_argument("spec", help="a study spec, e.g. studies/quickstart.yaml")
+    run.add_argument("--trials", type=int, default=None, help="trials per family (overrides the spec)")
+    run.add_argument("--address", default=None,
+                     help="Ray cluster address (default: start Ray on this machine)")
+    run.add_argument("--smoke", action="store_true",
+                     help="2 trials per family, 1 iteration of 20 steps, synthetic data")
+    run.add_argument("--quiet", action="store_true", help="no Tune progress table")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gmwae", description=__doc__.split("\n")[0] or None,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_evaluate(sub)
+    _add_study(sub)
     return parser
 
 
@@ -165,12 +181,39 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study(args: argparse.Namespace) -> int:
+    from .runner import run_study
+    from .spec import load_spec
+
+    overrides: dict = {}
+    if args.trials is not None:
+        overrides["trials"] = args.trials
+    if args.smoke:
+        overrides.update({"dataset": "synthetic", "trials": 2, "max_iterations": 1,
+                          "steps_per_iteration": 20, "space": "smoke"})
+    spec = load_spec(args.spec, overrides)
+    summary = run_study(spec, address=args.address, verbose=0 if args.quiet else 1)
+    print(f"\nstudy {spec.name}: best validation accuracy per family")
+    print(f"{'family':<8}{'trials':>7}{'failed':>7}{'val acc':>9}{'active':>7}  params")
+    for fam, row in summary.items():
+        if "val/cluster_acc" not in row:
+            print(f"{fam:<8}{row['trials']:>7}{row['failed']:>7}  no trial finished")
+            continue
+        params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in sorted(row["params"].items()))
+        print(f"{fam:<8}{row['trials']:>7}{row['failed']:>7}{row['val/cluster_acc']:>9.3f}"
+              f"{row['val/active_components']:>7.0f}  {params}")
+    print(f"stores: optuna {spec.store('optuna')}, mlflow {spec.store('mlflow')} "
+          f"(mlflow ui --backend-store-uri {spec.store('mlflow')})")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from gmwae_core import CheckpointError, ConfigError, DataError, NonFiniteLossError
 
     try:
-        return {"train": _train, "evaluate": _evaluate}[args.command](args)
+        return {"train": _train, "evaluate": _evaluate, "study": _study}[args.command](args)
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"gmwae {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

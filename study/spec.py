@@ -1,0 +1,219 @@
+"""Study specs: YAML files validated into a frozen StudySpec (unknown keys are errors).
+
+    name: quickstart
+    families: [gmwae, gmvae]
+    space: default            # search_spaces.SPACES
+    dataset: mnist
+    data_dir: null            # default: $GMWAE_DATA_DIR
+    preset: cpu               # gmwae_core preset the searched values override
+    fixed: {eval_size: 1000}  # RunConfig values fixed for every trial
+    trials: 6                 # per family: the same budget for both
+    max_iterations: 3         # reports per trial
+    steps_per_iteration: 400  # null: one epoch
+    scheduler: {type: asha, grace_period: 1, reduction_factor: 2}   # or {type: none}
+    resources: {cpu: 1, gpu: 0}
+    max_concurrent: 2
+    seed: 0
+    storage:
+      optuna: sqlite:///runs/{name}/optuna.db
+      mlflow: sqlite:///runs/{name}/mlflow.db
+      ray: runs/{name}/ray
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from gmwae_core.config import (DATASETS, FAMILIES, PRESETS, ConfigError, RunConfig,
+                               coerce_field, reject_unknown_keys)
+
+__all__ = ["StudySpec", "Scheduler", "Resources", "Storage", "load_spec", "SpecError"]
+
+
+class SpecError(ConfigError):
+    """A study spec broke a rule; the message names the key, the value and the fix."""
+
+
+def _fail(key: str, rule: str, value: Any, fix: str) -> None:
+    raise SpecError(f"`{key}` {rule}, but got {value!r}. {fix}")
+
+
+@dataclass(frozen=True)
+class Scheduler:
+    type: str = "asha"
+    """asha (Tune's ASHAScheduler on val/cluster_acc) or none."""
+    grace_period: int = 1
+    """Iterations every trial gets before ASHA may stop it."""
+    reduction_factor: int = 2
+    """ASHA keeps 1/reduction_factor of the trials at each rung."""
+
+    def __post_init__(self) -> None:
+        if self.type not in ("asha", "none"):
+            _fail("scheduler.type", "must be asha or none", self.type, "Use asha.")
+        if self.grace_period < 1:
+            _fail("scheduler.grace_period", "must be at least 1", self.grace_period, "Use 1.")
+        if self.reduction_factor < 2:
+            _fail("scheduler.reduction_factor", "must be at least 2", self.reduction_factor, "Use 2.")
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpu: float = 1.0
+    """CPUs per trial (1 on a 2-core machine runs two trials at once)."""
+    gpu: float = 0.0
+    """GPUs per trial; fractions share a GPU (0.25: four trials per GPU)."""
+
+    def __post_init__(self) -> None:
+        if not self.cpu > 0:
+            _fail("resources.cpu", "must be positive", self.cpu, "Use 1.")
+        if self.gpu < 0:
+            _fail("resources.gpu", "must be >= 0", self.gpu, "Use 0 on a CPU machine.")
+
+
+@dataclass(frozen=True)
+class Storage:
+    optuna: str = "sqlite:///runs/{name}/optuna.db"
+    """Optuna storage URL (sqlite:///FILE, or postgresql://... on a cluster)."""
+    mlflow: str = "sqlite:///runs/{name}/mlflow.db"
+    """MLflow tracking URI (sqlite:///FILE, or http://HOST:PORT for a server)."""
+    ray: str = "runs/{name}/ray"
+    """Ray Tune storage_path: a local folder, or a shared one (NFS, s3://) on a cluster."""
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    name: str
+    """Names the Optuna studies ({name}/{family}), the MLflow experiment and the Ray run."""
+    families: tuple[str, ...] = FAMILIES
+    """Which families to search: gmwae, gmvae or both; each gets `trials` trials."""
+    space: str = "default"
+    """A search space of search_spaces.SPACES."""
+    dataset: str = "mnist"
+    data_dir: Optional[str] = None
+    preset: str = "cpu"
+    fixed: dict = field(default_factory=dict)
+    """RunConfig values fixed for every trial (bare or dotted keys)."""
+    trials: int = 6
+    max_iterations: int = 3
+    steps_per_iteration: Optional[int] = None
+    scheduler: Scheduler = field(default_factory=Scheduler)
+    resources: Resources = field(default_factory=Resources)
+    max_concurrent: int = 2
+    seed: int = 0
+    storage: Storage = field(default_factory=Storage)
+
+    def __post_init__(self) -> None:
+        from search_spaces import space_names
+
+        if not self.name or not all(c.isalnum() or c in "-_" for c in self.name):
+            _fail("name", "must be letters, digits, - or _", self.name, "Use e.g. quickstart.")
+        if not self.families:
+            _fail("families", "must name at least one family", list(self.families),
+                  "Use [gmwae, gmvae].")
+        for fam in self.families:
+            if fam not in FAMILIES:
+                _fail("families", f"may only contain {list(FAMILIES)}", list(self.families),
+                      "Use [gmwae, gmvae].")
+        if len(set(self.families)) != len(self.families):
+            _fail("families", "must not repeat a family", list(self.families), "List each once.")
+        if self.space not in space_names():
+            _fail("space", f"must be one of {space_names()}", self.space, "Use default.")
+        if self.dataset not in DATASETS:
+            _fail("dataset", f"must be one of {list(DATASETS)}", self.dataset, "Use mnist or digits.")
+        if self.preset not in PRESETS:
+            _fail("preset", f"must be one of {list(PRESETS)}", self.preset, "Use cpu or paper.")
+        if self.trials < 1:
+            _fail("trials", "must be at least 1 (trials per family)", self.trials, "Use 6.")
+        if self.max_iterations < 1:
+            _fail("max_iterations", "must be at least 1", self.max_iterations, "Use 3.")
+        if self.steps_per_iteration is not None and self.steps_per_iteration < 1:
+            _fail("steps_per_iteration", "must be at least 1 when given", self.steps_per_iteration,
+                  "Leave it null for one epoch per iteration.")
+        if self.max_concurrent < 1:
+            _fail("max_concurrent", "must be at least 1", self.max_concurrent, "Use 2.")
+        self.run_config("gmwae", {})  # the fixed values must make a valid run config
+
+    def run_config(self, family: str, params: dict[str, Any]) -> RunConfig:
+        """The RunConfig of one trial: preset, then dataset and fixed values, then params."""
+        from gmwae_core import from_preset
+
+        base = {"dataset": self.dataset, "data_dir": self.data_dir, "seed": self.seed,
+                "epochs": 1_000_000}
+        try:
+            return from_preset(self.preset, {**base, **self.fixed, **params}, family=family)
+        except ConfigError as e:
+            raise SpecError(f"In the study spec's `fixed` or search space: {e}") from None
+
+    def store(self, which: str) -> str:
+        """A store location with {name} filled in."""
+        return getattr(self.storage, which).format(name=self.name)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["families"] = list(self.families)
+        return d
+
+
+_NESTED = {"scheduler": Scheduler, "resources": Resources, "storage": Storage}
+
+
+def spec_from_dict(d: Any, source: str = "spec") -> StudySpec:
+    """Validate a parsed spec; every problem is a SpecError that names `source`."""
+    try:
+        return _spec_from_dict(d, source)
+    except SpecError:
+        raise
+    except ConfigError as e:
+        raise SpecError(f"{source}: {e}") from None
+
+
+def _spec_from_dict(d: Any, source: str) -> StudySpec:
+    if not isinstance(d, dict):
+        raise SpecError(f"{source} must be a YAML mapping of keys to values, but got "
+                        f"{type(d).__name__}. See studies/smoke.yaml for an example.")
+    reject_unknown_keys(d, {f.name for f in fields(StudySpec)}, "")
+    if "name" not in d:
+        raise SpecError(f"{source} lacks `name`. Add e.g. `name: my-study`.")
+    kwargs: dict[str, Any] = {}
+    for key, value in d.items():
+        if key in _NESTED:
+            cls = _NESTED[key]
+            if isinstance(value, str) and key == "scheduler":
+                value = {"type": value}
+            if not isinstance(value, dict):
+                raise SpecError(f"`{key}` must be a mapping, but got {value!r}. "
+                                f"Keys: {', '.join(f.name for f in fields(cls))}.")
+            reject_unknown_keys(value, {f.name for f in fields(cls)}, key + ".")
+            kwargs[key] = cls(**{k: coerce_field(cls, k, v, key + ".") for k, v in value.items()})
+        elif key == "families":
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, list):
+                raise SpecError(f"`families` must be a list, but got {value!r}. Use [gmwae, gmvae].")
+            kwargs[key] = tuple(value)
+        elif key == "fixed":
+            if not isinstance(value, dict):
+                raise SpecError(f"`fixed` must be a mapping of config keys, but got {value!r}.")
+            kwargs[key] = dict(value)
+        else:
+            kwargs[key] = coerce_field(StudySpec, key, value, "")
+    return StudySpec(**kwargs)
+
+
+def load_spec(path: str | Path, overrides: Optional[dict[str, Any]] = None) -> StudySpec:
+    """Read and validate a YAML spec; `overrides` replace top-level keys (e.g. trials)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"Study spec {path} does not exist. Use one of studies/*.yaml or write one "
+                        f"(see studies/smoke.yaml).")
+    try:
+        d = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path} is not valid YAML: {e}") from None
+    if isinstance(d, dict) and overrides:
+        d = {**d, **overrides}
+    return spec_from_dict(d, str(path))

@@ -1,0 +1,125 @@
+"""MLflow tracking, at the edge: one experiment per study, a parent run, one child per trial.
+
+The callback runs on the Tune driver, so only one process writes to the tracking store
+(sqlite stays safe with concurrent trials). It logs each trial's params and tags when it
+starts, its metrics at every iteration (step = iteration), and when it ends the figures
+from its final checkpoint and its status: FINISHED, or FAILED with the reason as a tag.
+"""
+from __future__ import annotations
+
+import math
+import subprocess
+from pathlib import Path
+from typing import Optional
+
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+from ray import tune
+
+__all__ = ["StudyTracker", "TrialLogger", "git_sha", "VAL_ACC", "VAL_MMD", "VAL_ACTIVE"]
+
+VAL_ACC = "val/cluster_acc"
+VAL_MMD = "val/mmd"
+VAL_ACTIVE = "val/active_components"
+TRACKED_PREFIXES = ("train/", "val/")
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class StudyTracker:
+    """The study's experiment and parent run in one tracking store."""
+
+    def __init__(self, tracking_uri: str, study: str):
+        self.client = MlflowClient(tracking_uri)
+        exp = self.client.get_experiment_by_name(study)
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(study)
+        self.study = study
+        parents = self.client.search_runs([self.experiment_id], "tags.role = 'study'",
+                                          max_results=1)
+        if parents:
+            self.parent_run_id = parents[0].info.run_id
+        else:
+            self.parent_run_id = self.client.create_run(
+                self.experiment_id, run_name=study,
+                tags={"role": "study", "study": study, "git_sha": git_sha()}).info.run_id
+
+    def log_spec(self, spec_dict: dict) -> None:
+        self.client.log_dict(self.parent_run_id, spec_dict, "spec.json")
+
+
+class TrialLogger(tune.Callback):
+    """Mirrors one family's Tune trials into nested MLflow runs."""
+
+    def __init__(self, tracker: StudyTracker, family: str, max_iterations: int):
+        self.tracker, self.family, self.max_iterations = tracker, family, max_iterations
+        self.run_ids: dict[str, str] = {}
+        self.iterations: dict[str, int] = {}
+        self.sha = git_sha()
+
+    @property
+    def client(self) -> MlflowClient:
+        return self.tracker.client
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        if trial.trial_id in self.run_ids:
+            return
+        run = self.client.create_run(
+            self.tracker.experiment_id, run_name=f"{self.family}-{trial.trial_id}",
+            tags={"mlflow.parentRunId": self.tracker.parent_run_id, "role": "trial",
+                  "family": self.family, "study": self.tracker.study,
+                  "trial_id": trial.trial_id, "git_sha": self.sha})
+        self.run_ids[trial.trial_id] = run.info.run_id
+        self.client.log_batch(run.info.run_id, params=[
+            Param(k, str(v)) for k, v in sorted(trial.config.items())])
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        run_id = self.run_ids.get(trial.trial_id)
+        if run_id is None:
+            return
+        step = int(result.get("iteration", result.get("training_iteration", 0)))
+        self.iterations[trial.trial_id] = step
+        ts = int(1000 * result.get("timestamp", 0))
+        metrics = [Metric(k, float(v), ts, step) for k, v in result.items()
+                   if k.startswith(TRACKED_PREFIXES) and isinstance(v, (int, float))
+                   and math.isfinite(float(v))]
+        self.client.log_batch(run_id, metrics=metrics)
+
+    def _finish(self, trial, status: str, reason: Optional[str] = None) -> None:
+        run_id = self.run_ids.get(trial.trial_id)
+        if run_id is None:
+            return
+        done = self.iterations.get(trial.trial_id, 0)
+        self.client.set_tag(run_id, "iterations", str(done))
+        self.client.set_tag(run_id, "stopped_early", str(status == "FINISHED" and
+                                                         done < self.max_iterations).lower())
+        if reason:
+            self.client.set_tag(run_id, "failure_reason", reason[-4000:])
+        if trial.checkpoint is not None:
+            with trial.checkpoint.as_directory() as folder:
+                figures = Path(folder) / "figures"
+                if figures.is_dir():
+                    self.client.log_artifacts(run_id, str(figures), "figures")
+        self.client.set_terminated(run_id, status)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._finish(trial, "FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._finish(trial, "FAILED", _failure_reason(trial))
+
+
+def _failure_reason(trial) -> str:
+    """The trial's error: the last line of its traceback (the exception), else what Tune has."""
+    path = trial.error_file  # written on the driver before this callback runs
+    if path and Path(path).is_file():
+        lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
+        if lines:
+            return lines[-1]
+    error = trial.get_pickled_error() or trial.get_error()
+    return str(error) if error else "unknown error (see the trial's error.txt in Ray's storage)"

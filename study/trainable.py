@@ -1,0 +1,52 @@
+"""The Ray Tune trainable: a thin wrapper over gmwae_core.
+
+config (the searched values) -> RunConfig -> Trainer; each iteration trains one epoch
+(or `steps_per_iteration` steps), evaluates on the validation split and reports the
+metrics with a checkpoint. The last iteration's checkpoint also holds the figures.
+"""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from ray import tune
+
+from gmwae_core import Trainer, load_checkpoint, load_splits, save_checkpoint
+from gmwae_core.figures import write_figures
+
+__all__ = ["TrialSetup", "train_trial"]
+
+
+@dataclass(frozen=True)
+class TrialSetup:
+    """What every trial of one family shares (bound into the family's trainable)."""
+
+    spec: Any  # study.spec.StudySpec
+    family: str
+
+
+def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, int(setup.spec.resources.cpu)))
+    cfg = setup.spec.run_config(setup.family, config)
+    trainer = Trainer(cfg, load_splits(cfg.data))
+    checkpoint: Optional[tune.Checkpoint] = tune.get_checkpoint()
+    iteration = 0
+    if checkpoint is not None:  # a retried or resumed trial continues where it stopped
+        with checkpoint.as_directory() as folder:
+            iteration = int(load_checkpoint(Path(folder) / "checkpoint", trainer)["iteration"])
+    steps = setup.spec.steps_per_iteration or trainer.steps_per_epoch
+    while iteration < setup.spec.max_iterations:
+        train_metrics = trainer.train_steps(steps)
+        val = trainer.evaluate("val")
+        iteration += 1
+        metrics = {**train_metrics, **val.metrics, "iteration": iteration,
+                   "steps": trainer.step, "train_seconds": trainer.train_seconds}
+        with tempfile.TemporaryDirectory() as tmp:
+            save_checkpoint(trainer, Path(tmp) / "checkpoint", metrics)
+            if iteration == setup.spec.max_iterations:
+                write_figures(trainer, val, Path(tmp) / "figures", split="val")
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))

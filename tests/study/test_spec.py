@@ -1,0 +1,89 @@
+"""Study spec validation and store checks: every bad input rejected before a trial starts."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from study.runner import StoreError, mask_url, open_optuna_storage, run_study
+from study.spec import SpecError, load_spec, spec_from_dict
+
+ROOT = Path(__file__).parents[2]
+GMWAE = str(Path(sys.executable).parent / "gmwae")
+
+
+def test_shipped_specs_are_valid():
+    for path in sorted((ROOT / "studies").glob("*.yaml")):
+        spec = load_spec(path)
+        assert spec.name == path.stem and spec.trials >= 1
+
+
+@pytest.mark.parametrize("d,pattern", [
+    ({"name": "s", "trails": 3}, r"Unknown config key `trails`.*Did you mean `trials`"),
+    ({"name": "s", "trials": "many"}, r"`trials` must be a int, but got 'many'"),
+    ({"name": "s", "trials": -2}, r"`trials` must be at least 1.*-2"),
+    ({"name": "s", "families": []}, r"`families` must name at least one family"),
+    ({"name": "s", "families": ["gmwae", "vae"]}, r"`families` may only contain"),
+    ({"name": "s", "space": "huge"}, r"`space` must be one of \['default', 'smoke', 'wide'\]"),
+    ({"name": "s", "dataset": "cifar10"}, r"`dataset` must be one of"),
+    ({"name": "s", "scheduler": {"type": "pbt"}}, r"`scheduler.type` must be asha or none"),
+    ({"name": "s", "resources": {"gpus": 1}}, r"Unknown config key `resources.gpus`"),
+    ({"name": "s", "storage": {"optuna": 3}}, r"`storage.optuna` must be a str"),
+    ({"name": "s", "fixed": {"K": 1}}, r"`fixed`.*`model.K` must be at least 2"),
+    ({"trials": 2}, r"lacks `name`"),
+])
+def test_bad_specs_name_the_key_and_the_fix(d, pattern):
+    with pytest.raises(SpecError, match=pattern):
+        spec_from_dict(d)
+
+
+def test_missing_and_malformed_spec_files(tmp_path):
+    with pytest.raises(SpecError, match="does not exist"):
+        load_spec(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("name: [unclosed\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(tmp_path / "bad.yaml")
+
+
+def test_cli_rejects_a_bad_spec_with_status_2_and_no_traceback(tmp_path):
+    (tmp_path / "s.yaml").write_text("name: s\ntrials: -1\n")
+    proc = subprocess.run([GMWAE, "study", "run", tmp_path / "s.yaml"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "`trials` must be at least 1" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_store_urls_are_masked_in_messages():
+    assert mask_url("postgresql://gm:s3cret@db:5432/optuna") == "postgresql://gm:***@db:5432/optuna"
+    assert mask_url("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+
+
+def test_unreachable_postgres_is_rejected_with_the_password_masked():
+    with pytest.raises(StoreError) as info:
+        open_optuna_storage("postgresql://gm:s3cret@127.0.0.1:9/optuna")
+    assert "gm:***@127.0.0.1:9" in str(info.value) and "s3cret" not in str(info.value)
+
+
+def test_unreachable_mlflow_server_is_rejected_before_any_trial(tmp_path):
+    spec = spec_from_dict({"name": "s", "dataset": "synthetic", "storage": {
+        "optuna": f"sqlite:///{tmp_path}/o.db", "mlflow": "http://user:pw@127.0.0.1:9",
+        "ray": str(tmp_path / "ray")}})
+    with pytest.raises(StoreError, match=r"Cannot reach the MLflow tracking server http://user:\*\*\*@"):
+        run_study(spec, verbose=0)
+    assert not (tmp_path / "ray").exists()
+
+
+def test_gpu_request_on_a_cluster_without_gpus_fails_fast_with_its_resources(tmp_path):
+    import ray
+
+    spec = spec_from_dict({"name": "g", "dataset": "synthetic", "resources": {"cpu": 1, "gpu": 0.5},
+                           "storage": {"optuna": f"sqlite:///{tmp_path}/o.db",
+                                       "mlflow": f"sqlite:///{tmp_path}/m.db",
+                                       "ray": str(tmp_path / "ray")}})
+    try:
+        with pytest.raises(SpecError, match=r"`resources.gpu` is 0.5 per trial, but the Ray cluster "
+                                            r"has 0 GPUs \(resources: CPU \d+, GPU 0\)"):
+            run_study(spec, verbose=0)
+    finally:
+        ray.shutdown()
+    assert not (tmp_path / "ray").exists()

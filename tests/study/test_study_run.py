@@ -1,0 +1,99 @@
+"""Studies end to end on real components: local Ray, Optuna sqlite, MLflow sqlite."""
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+
+from study.runner import run_study
+from study.spec import load_spec
+
+ROOT = Path(__file__).parents[2]
+GMWAE = str(Path(sys.executable).parent / "gmwae")
+
+
+def stores(tmp_path, name):
+    return {"name": name, "storage": {"optuna": f"sqlite:///{tmp_path}/optuna.db",
+                                      "mlflow": f"sqlite:///{tmp_path}/mlflow.db",
+                                      "ray": str(tmp_path / "ray")}}
+
+
+def trials_of(tmp_path, study):
+    return optuna.load_study(study_name=study, storage=f"sqlite:///{tmp_path}/optuna.db").trials
+
+
+def runs_of(tmp_path, name):
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    return mlflow.search_runs(experiment_names=[name]), mlflow.MlflowClient()
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+def test_a_diverging_trial_is_marked_failed_and_the_study_goes_on(tmp_path, ray_local):
+    import cloudpickle
+
+    import tests.study.faulty as faulty
+
+    cloudpickle.register_pickle_by_value(faulty)  # Ray workers need not import the tests
+    spec = load_spec(ROOT / "studies/smoke.yaml", stores(tmp_path, "nan-study"))
+    summary = run_study(spec, verbose=0, trainable=faulty.diverge_on_paper_point)
+
+    wae = trials_of(tmp_path, "nan-study/gmwae")
+    assert [t.state.name for t in wae].count("FAIL") == 1
+    assert [t.state.name for t in wae].count("COMPLETE") == spec.trials - 1
+    assert wae[0].state.name == "FAIL" and wae[0].params["K"] == 10  # the paper point, enqueued first
+    assert all(t.state.name == "COMPLETE" for t in trials_of(tmp_path, "nan-study/gmvae"))
+    assert summary["gmwae"]["failed"] == 1 and summary["gmvae"]["failed"] == 0
+
+    runs, client = runs_of(tmp_path, "nan-study")
+    children = runs[runs["tags.role"] == "trial"]
+    failed = children[children["status"] == "FAILED"]
+    assert len(failed) == 1 and failed.iloc[0]["tags.family"] == "gmwae"
+    assert "not finite" in failed.iloc[0]["tags.failure_reason"]
+    assert (children["status"] == "FINISHED").sum() == 2 * spec.trials - 1
+
+
+def test_cli_runs_the_smoke_study_into_real_stores(tmp_path):
+    spec_file = tmp_path / "spec.yaml"
+    text = (ROOT / "studies/smoke.yaml").read_text()
+    text = text.replace("sqlite:///runs/{name}", f"sqlite:///{tmp_path}").replace(
+        "ray: runs/{name}/ray", f"ray: {tmp_path}/ray")
+    spec_file.write_text(text)
+    proc = subprocess.run([GMWAE, "study", "run", spec_file, "--quiet"], capture_output=True,
+                          text=True, timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "best validation accuracy per family" in proc.stdout
+
+    spec = load_spec(spec_file)
+    for family in ("gmwae", "gmvae"):
+        trials = trials_of(tmp_path, f"smoke/{family}")
+        assert len(trials) == spec.trials
+        assert all(t.state.name == "COMPLETE" and 0 <= t.value <= 1 for t in trials)
+        assert trials[0].params["K"] == 10 and trials[0].params["latent_dim"] == 10
+        assert ("lambda_mmd" in trials[0].params) == (family == "gmwae")
+
+    runs, client = runs_of(tmp_path, "smoke")
+    parent = runs[runs["tags.role"] == "study"]
+    children = runs[runs["tags.role"] == "trial"]
+    assert len(parent) == 1 and parent.iloc[0]["status"] == "FINISHED"
+    assert len(children) == 2 * spec.trials
+    assert set(children["tags.mlflow.parentRunId"]) == {parent.iloc[0]["run_id"]}
+    assert children["tags.git_sha"].str.len().min() >= 7
+    for _, child in children.iterrows():
+        iterations = int(child["tags.iterations"])
+        assert 1 <= iterations <= spec.max_iterations
+        for key in ("val/cluster_acc", "val/mmd", "val/active_components"):
+            history = client.get_metric_history(child["run_id"], key)
+            assert [m.step for m in history] == list(range(1, iterations + 1)), key
+        figures = [a.path for a in client.list_artifacts(child["run_id"], "figures")]
+        if child["tags.stopped_early"] == "false":
+            assert "figures/label_by_k.png" in figures
