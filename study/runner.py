@@ -9,6 +9,7 @@ any trial starts.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import re
@@ -86,6 +87,21 @@ def _check_resources(spec: StudySpec) -> None:
                         f"has {total.get('CPU', 0):g} CPUs. Lower resources.cpu.")
 
 
+def _resolve_data(spec: StudySpec) -> StudySpec:
+    """Check the data folder on the driver and give trials its absolute path.
+
+    Trials run in their own working folders (and, on a cluster, on other nodes), so a
+    relative --data-dir or GMWAE_DATA_DIR would not resolve there.
+    """
+    from gmwae_core.data import find_idx_files, resolve_data_dir
+
+    folder = resolve_data_dir(spec.run_config(spec.families[0], {}).data)
+    if spec.dataset not in ("mnist", "fashion-mnist") or folder is None:
+        return spec
+    find_idx_files(folder)  # DataError naming the missing files, before any trial starts
+    return dataclasses.replace(spec, data_dir=str(folder.resolve()))
+
+
 def run_study(spec: StudySpec, address: Optional[str] = None, verbose: int = 1,
               trainable: Optional[Callable] = None) -> dict[str, Any]:
     """Run every family's search to its trial budget; returns {family: best row}.
@@ -103,6 +119,7 @@ def run_study(spec: StudySpec, address: Optional[str] = None, verbose: int = 1,
 
     from .trainable import TrialSetup, train_trial
 
+    spec = _resolve_data(spec)
     storage = open_optuna_storage(spec.store("optuna"))
     tracker = _open_tracker(spec)
     tracker.log_spec(spec.to_dict())

@@ -87,3 +87,25 @@ def test_gpu_request_on_a_cluster_without_gpus_fails_fast_with_its_resources(tmp
     finally:
         ray.shutdown()
     assert not (tmp_path / "ray").exists()
+
+
+def test_a_missing_data_folder_is_rejected_before_any_trial(tmp_path):
+    from gmwae_core import DataError
+
+    spec = spec_from_dict({"name": "d", "dataset": "mnist", "data_dir": str(tmp_path / "none"),
+                           "storage": {"optuna": f"sqlite:///{tmp_path}/o.db",
+                                       "mlflow": f"sqlite:///{tmp_path}/m.db",
+                                       "ray": str(tmp_path / "ray")}})
+    with pytest.raises(DataError, match="does not exist"):
+        run_study(spec, verbose=0)
+    assert not (tmp_path / "o.db").exists() and not (tmp_path / "ray").exists()
+
+
+def test_a_relative_data_folder_reaches_trials_as_an_absolute_path(tmp_path, monkeypatch):
+    from study.runner import _resolve_data
+
+    monkeypatch.chdir(ROOT)
+    spec = spec_from_dict({"name": "d", "dataset": "mnist", "data_dir": "../shared/data/mnist"})
+    resolved = _resolve_data(spec)
+    assert Path(resolved.data_dir).is_absolute()
+    assert Path(resolved.data_dir) == (ROOT / "../shared/data/mnist").resolve()
