@@ -8,6 +8,7 @@
     gmwae evaluate runs/mnist-wae/checkpoint --check
     gmwae train --smoke --out /tmp/smoke                    # seconds, no files needed
     gmwae study run studies/smoke.yaml                      # a whole study, local Ray, sqlite stores
+    gmwae study status smoke                                # its trials so far, from the stores
 
 User errors (bad config, data, checkpoint) print one line and exit with status 2.
 """
@@ -72,6 +73,10 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--smoke", action="store_true",
                      help="2 trials per family, 1 iteration of 20 steps, synthetic data")
     run.add_argument("--quiet", action="store_true", help="no Tune progress table")
+    status = study_sub.add_parser("status", help="trials so far, from the study's stores "
+                                                 "(while it runs or after)")
+    status.add_argument("study", help="a spec file, or a study name (studies/NAME.yaml, else "
+                                      "the default stores under runs/NAME)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,6 +187,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _study(args: argparse.Namespace) -> int:
+    if args.study_command == "status":
+        from .status import find_spec, format_status, study_status
+
+        spec = find_spec(args.study)
+        print(format_status(spec, study_status(spec)))
+        return 0
     from .runner import run_study
     from .spec import load_spec
 

@@ -109,3 +109,10 @@ def test_a_relative_data_folder_reaches_trials_as_an_absolute_path(tmp_path, mon
     resolved = _resolve_data(spec)
     assert Path(resolved.data_dir).is_absolute()
     assert Path(resolved.data_dir) == (ROOT / "../shared/data/mnist").resolve()
+
+
+def test_status_of_an_unknown_study_is_a_clear_error(tmp_path):
+    proc = subprocess.run([GMWAE, "study", "status", "no-such-study"], capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2 and "No study 'no-such-study'" in proc.stderr
+    assert "Traceback" not in proc.stderr

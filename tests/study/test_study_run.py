@@ -1,6 +1,7 @@
 """Studies end to end on real components: local Ray, Optuna sqlite, MLflow sqlite."""
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -9,6 +10,7 @@ import pytest
 
 from study.runner import run_study
 from study.spec import load_spec
+from study.status import study_status
 
 ROOT = Path(__file__).parents[2]
 GMWAE = str(Path(sys.executable).parent / "gmwae")
@@ -68,12 +70,36 @@ def test_cli_runs_the_smoke_study_into_real_stores(tmp_path):
     text = text.replace("sqlite:///runs/{name}", f"sqlite:///{tmp_path}").replace(
         "ray: runs/{name}/ray", f"ray: {tmp_path}/ray")
     spec_file.write_text(text)
-    proc = subprocess.run([GMWAE, "study", "run", spec_file, "--quiet"], capture_output=True,
-                          text=True, timeout=900, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "best validation accuracy per family" in proc.stdout
-
     spec = load_spec(spec_file)
+    proc = subprocess.Popen([GMWAE, "study", "run", spec_file, "--quiet"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # `study status` reads the stores while the study runs.
+    seen_while_running = None
+    deadline = time.monotonic() + 600
+    while proc.poll() is None and time.monotonic() < deadline:
+        if (tmp_path / "optuna.db").exists() and (tmp_path / "mlflow.db").exists():
+            try:
+                status = study_status(spec)
+            except Exception:  # the stores may still be being created
+                status = None
+            if status and sum(status["gmwae"]["states"].values()) > 0 and proc.poll() is None:
+                seen_while_running = status
+                break
+        time.sleep(1)
+    stdout, stderr = proc.communicate(timeout=900)
+    assert proc.returncode == 0, stderr[-4000:]
+    assert "best validation accuracy per family" in stdout
+    assert seen_while_running is not None
+    assert sum(seen_while_running["gmwae"]["states"].values()) <= spec.trials
+
+    final = subprocess.run([GMWAE, "study", "status", spec_file], capture_output=True, text=True,
+                           timeout=120, cwd=tmp_path)
+    assert final.returncode == 0, final.stderr
+    rows = {line.split()[0]: line.split() for line in final.stdout.splitlines()[2:]
+            if line.startswith(("gmwae", "gmvae"))}
+    for family in ("gmwae", "gmvae"):
+        assert rows[family][1:5] == [str(spec.trials), str(spec.trials), "0", "0"]
+
     for family in ("gmwae", "gmvae"):
         trials = trials_of(tmp_path, f"smoke/{family}")
         assert len(trials) == spec.trials
