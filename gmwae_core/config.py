@@ -227,7 +227,7 @@ def coerce_field(cls: type, name: str, value: Any, prefix: str) -> Any:
     optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
     base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
     key = prefix + name
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
         if optional:
             return None
         raise ConfigError(f"`{key}` must be a {base.__name__}, but got None. Give a value.")

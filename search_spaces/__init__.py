@@ -14,6 +14,12 @@ from gmwae_core import PAPER_PRIOR_OVERLAP
 __all__ = ["SPACES", "space_names", "paper_point"]
 
 
+def fixed(trial, family: str) -> dict[str, Any]:
+    """Nothing searched: every trial runs the preset with the spec's `fixed` values (repeats,
+    overhead measurements)."""
+    return {}
+
+
 def smoke(trial, family: str) -> dict[str, Any]:
     """Seconds per trial, for tests: a narrow space over the synthetic set."""
     out: dict[str, Any] = {}
@@ -53,7 +59,8 @@ def wide(trial, family: str) -> dict[str, Any]:
     return out
 
 
-SPACES: dict[str, Callable[..., dict[str, Any]]] = {"smoke": smoke, "default": default, "wide": wide}
+SPACES: dict[str, Callable[..., dict[str, Any]]] = {"fixed": fixed, "smoke": smoke,
+                                                    "default": default, "wide": wide}
 
 _PAPER = {"lambda_mmd": 10.0, "prior_overlap": PAPER_PRIOR_OVERLAP, "latent_dim": 10, "K": 10}
 _PAPER_EXTRA = {"default": {"lr": 1e-3, "batch_size": 64, "decoder_width": 32},
@@ -66,6 +73,8 @@ def space_names() -> list[str]:
 
 def paper_point(space: str, family: str) -> dict[str, Any]:
     """The paper's setting in `space`'s parameters, for `family` (no lambda for GM-VAE)."""
+    if space == "fixed":
+        return {}
     point = {**_PAPER, **_PAPER_EXTRA.get(space, {})}
     if family != "gmwae":
         point.pop("lambda_mmd")

@@ -39,3 +39,13 @@ def test_throughput_smoke_reports_flops_against_a_measured_peak(tmp_path):
     assert row["profile_share"]["decoder"] > 0 and row["profile_share"]["mmd"] > 0
     assert set(row["component_ms"]) == {"encoders", "decoder", "mmd", "optimizer"}
     assert "of peak" in out
+
+
+def test_overhead_smoke_times_the_platform_against_direct_calls(tmp_path):
+    out = run("overhead.py", "--smoke", "--out", tmp_path / "o.json")
+    result = json.loads((tmp_path / "o.json").read_text())
+    seq, conc = result["sequential"], result["concurrency"]
+    assert seq["direct_seconds"] > 0 and seq["platform_seconds"] > 0
+    assert seq["ratio"] == seq["platform_seconds"] / seq["direct_seconds"]
+    assert conc["throughput_ratio"] == conc["one_at_a_time_seconds"] / conc["two_at_a_time_seconds"]
+    assert "2 at a time" in out

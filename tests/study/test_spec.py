@@ -24,7 +24,7 @@ def test_shipped_specs_are_valid():
     ({"name": "s", "trials": -2}, r"`trials` must be at least 1.*-2"),
     ({"name": "s", "families": []}, r"`families` must name at least one family"),
     ({"name": "s", "families": ["gmwae", "vae"]}, r"`families` may only contain"),
-    ({"name": "s", "space": "huge"}, r"`space` must be one of \['default', 'smoke', 'wide'\]"),
+    ({"name": "s", "space": "huge"}, r"`space` must be one of \['default', 'fixed', 'smoke', 'wide'\]"),
     ({"name": "s", "dataset": "cifar10"}, r"`dataset` must be one of"),
     ({"name": "s", "scheduler": {"type": "pbt"}}, r"`scheduler.type` must be asha or none"),
     ({"name": "s", "resources": {"gpus": 1}}, r"Unknown config key `resources.gpus`"),
@@ -116,3 +116,8 @@ def test_status_of_an_unknown_study_is_a_clear_error(tmp_path):
                           text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2 and "No study 'no-such-study'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_scheduler_none_is_a_value_not_a_null():
+    assert spec_from_dict({"name": "s", "scheduler": {"type": "none"}}).scheduler.type == "none"
+    assert spec_from_dict({"name": "s", "scheduler": "none"}).scheduler.type == "none"
