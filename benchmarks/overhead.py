@@ -46,9 +46,9 @@ def direct(spec, tmp: Path) -> float:
 
     from gmwae_core import Trainer, load_splits, save_checkpoint
     from gmwae_core.figures import write_figures
-    from study.runner import _resolve_data
+    from study.runner import resolve_study_data
 
-    spec = _resolve_data(spec)
+    spec = resolve_study_data(spec)
     torch.set_num_threads(int(spec.resources.cpu))
     start = time.perf_counter()
     for i in range(spec.trials):

@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 from .spec import SpecError, StudySpec
 from .tracking import VAL_ACC, VAL_ACTIVE, StudyTracker, TrialLogger
 
-__all__ = ["run_study", "mask_url", "open_optuna_storage", "StoreError"]
+__all__ = ["run_study", "resolve_study_data", "mask_url", "open_optuna_storage", "StoreError"]
 
 
 class StoreError(SpecError):
@@ -87,7 +87,7 @@ def _check_resources(spec: StudySpec) -> None:
                         f"has {total.get('CPU', 0):g} CPUs. Lower resources.cpu.")
 
 
-def _resolve_data(spec: StudySpec) -> StudySpec:
+def resolve_study_data(spec: StudySpec) -> StudySpec:
     """Check the data folder on the driver and give trials its absolute path.
 
     Trials run in their own working folders (and, on a cluster, on other nodes), so a
@@ -119,7 +119,7 @@ def run_study(spec: StudySpec, address: Optional[str] = None, verbose: int = 1,
 
     from .trainable import TrialSetup, train_trial
 
-    spec = _resolve_data(spec)
+    spec = resolve_study_data(spec)
     storage = open_optuna_storage(spec.store("optuna"))
     tracker = _open_tracker(spec)
     tracker.log_spec(spec.to_dict())

@@ -102,11 +102,11 @@ def test_a_missing_data_folder_is_rejected_before_any_trial(tmp_path):
 
 
 def test_a_relative_data_folder_reaches_trials_as_an_absolute_path(tmp_path, monkeypatch):
-    from study.runner import _resolve_data
+    from study.runner import resolve_study_data
 
     monkeypatch.chdir(ROOT)
     spec = spec_from_dict({"name": "d", "dataset": "mnist", "data_dir": "../shared/data/mnist"})
-    resolved = _resolve_data(spec)
+    resolved = resolve_study_data(spec)
     assert Path(resolved.data_dir).is_absolute()
     assert Path(resolved.data_dir) == (ROOT / "../shared/data/mnist").resolve()
 
