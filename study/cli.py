@@ -9,6 +9,7 @@
     gmwae train --smoke --out /tmp/smoke                    # seconds, no files needed
     gmwae study run studies/smoke.yaml                      # a whole study, local Ray, sqlite stores
     gmwae study status smoke                                # its trials so far, from the stores
+    gmwae study resume smoke                                # after the driver died (kill -9 too)
 
 User errors (bad config, data, checkpoint) print one line and exit with status 2.
 """
@@ -73,6 +74,18 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--smoke", action="store_true",
                      help="2 trials per family, 1 iteration of 20 steps, synthetic data")
     run.add_argument("--quiet", action="store_true", help="no Tune progress table")
+    run.add_argument("--name", default=None, help="study name (overrides the spec's; a new name "
+                                                  "starts a new study with its own stores)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the study of this name if its stores hold trials")
+    resume = study_sub.add_parser("resume", help="continue a study after its driver stopped "
+                                                 "(kill -9 included) until each family has its trials")
+    resume.add_argument("study", help="a study name (studies/NAME.yaml, else the default stores "
+                                      "under runs/NAME) or the spec file it ran with")
+    resume.add_argument("--trials", type=int, default=None,
+                        help="trials per family (default: as recorded when the study started)")
+    resume.add_argument("--address", default=None, help="Ray cluster address")
+    resume.add_argument("--quiet", action="store_true", help="no Tune progress table")
     status = study_sub.add_parser("status", help="trials so far, from the study's stores "
                                                  "(while it runs or after)")
     status.add_argument("study", help="a spec file, or a study name (studies/NAME.yaml, else "
@@ -193,17 +206,34 @@ def _study(args: argparse.Namespace) -> int:
         spec = find_spec(args.study)
         print(format_status(spec, study_status(spec)))
         return 0
-    from .runner import run_study
+    from .runner import load_recorded_spec, run_study, spec_for_resume
     from .spec import load_spec
+    from .status import find_spec
 
     overrides: dict = {}
     if args.trials is not None:
         overrides["trials"] = args.trials
-    if args.smoke:
-        overrides.update({"dataset": "synthetic", "trials": 2, "max_iterations": 1,
-                          "steps_per_iteration": 20, "space": "smoke"})
-    spec = load_spec(args.spec, overrides)
-    summary = run_study(spec, address=args.address, verbose=0 if args.quiet else 1)
+    resume = args.study_command == "resume" or args.resume
+    if args.study_command == "resume":
+        spec = find_spec(args.study)
+        is_file = Path(args.study).suffix in (".yaml", ".yml") or Path(args.study).is_file()
+        recorded = load_recorded_spec(spec)
+        spec = spec_for_resume(spec, recorded, overrides, compare=is_file)
+    else:
+        if args.smoke:
+            overrides.update({"dataset": "synthetic", "trials": 2, "max_iterations": 1,
+                              "steps_per_iteration": 20, "space": "smoke"})
+            if args.trials is not None:
+                overrides["trials"] = args.trials
+        if args.name:
+            overrides["name"] = args.name
+        spec = load_spec(args.spec, overrides)
+        if resume:
+            recorded = load_recorded_spec(spec)
+            if recorded is not None:
+                spec = spec_for_resume(spec, recorded,
+                                       {"trials": args.trials} if args.trials else None)
+    summary = run_study(spec, address=args.address, verbose=0 if args.quiet else 1, resume=resume)
     print(f"\nstudy {spec.name}: best validation accuracy per family")
     print(f"{'family':<8}{'trials':>7}{'failed':>7}{'val acc':>9}{'active':>7}  params")
     for fam, row in summary.items():
@@ -213,7 +243,7 @@ def _study(args: argparse.Namespace) -> int:
         params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in sorted(row["params"].items()))
         print(f"{fam:<8}{row['trials']:>7}{row['failed']:>7}{row['val/cluster_acc']:>9.3f}"
-              f"{row['val/active_components']:>7.0f}  {params}")
+              f"{row.get('val/active_components') or float('nan'):>7.0f}  {params}")
     print(f"stores: optuna {spec.store('optuna')}, mlflow {spec.store('mlflow')} "
           f"(mlflow ui --backend-store-uri {spec.store('mlflow')})")
     return 0

@@ -19,7 +19,8 @@ from typing import Any, Callable, Optional
 from .spec import SpecError, StudySpec
 from .tracking import VAL_ACC, VAL_ACTIVE, StudyTracker, TrialLogger
 
-__all__ = ["run_study", "resolve_study_data", "mask_url", "open_optuna_storage", "StoreError"]
+__all__ = ["run_study", "resolve_study_data", "mask_url", "open_optuna_storage", "StoreError",
+           "StudyExistsError", "recorded_spec", "load_recorded_spec", "spec_for_resume"]
 
 
 class StoreError(SpecError):
@@ -102,10 +103,75 @@ def resolve_study_data(spec: StudySpec) -> StudySpec:
     return dataclasses.replace(spec, data_dir=str(folder.resolve()))
 
 
+# Keys a resumed study may change; any other difference would mix incomparable trials.
+RESUMABLE_CHANGES = ("trials", "max_concurrent", "resources", "data_dir", "storage")
+
+
+class StudyExistsError(SpecError):
+    """`study run` on a name whose stores already hold trials."""
+
+
+def recorded_spec(storage, spec: StudySpec) -> Optional[dict]:
+    """The spec a study was started with, as recorded on its Optuna studies (None: no study)."""
+    import optuna
+
+    for family in spec.families:
+        try:
+            study = optuna.load_study(study_name=f"{spec.name}/{family}", storage=storage)
+        except KeyError:
+            continue
+        if "spec" in study.user_attrs:
+            return study.user_attrs["spec"]
+    return None
+
+
+def load_recorded_spec(spec: StudySpec) -> Optional[dict]:
+    """recorded_spec from the spec's Optuna storage; None (and no file made) when it is absent."""
+    url = spec.store("optuna")
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).expanduser().is_file():
+        return None
+    return recorded_spec(open_optuna_storage(url), spec)
+
+
+def spec_for_resume(spec: StudySpec, recorded: Optional[dict],
+                    overrides: Optional[dict] = None, compare: bool = True) -> StudySpec:
+    """The recorded spec with the given one's stores (and `overrides`, e.g. trials).
+
+    Raises SpecError naming each changed key when `spec` differs from the recorded one in
+    anything but RESUMABLE_CHANGES, or when there is nothing to resume.
+    """
+    from .spec import spec_from_dict
+
+    if recorded is None:
+        raise SpecError(f"No study {spec.name!r} to resume in {mask_url(spec.store('optuna'))}. "
+                        f"Start it with `gmwae study run SPEC`, or pass the spec file it ran "
+                        f"with (its stores say where it is).")
+    given = spec.to_dict()
+    changed = [k for k in given if compare and k not in RESUMABLE_CHANGES and k != "name"
+               and _comparable(given[k]) != _comparable(recorded.get(k))]
+    if changed:
+        detail = "; ".join(f"{k}: recorded {recorded.get(k)!r}, now {given[k]!r}" for k in changed)
+        raise SpecError(f"Cannot resume study {spec.name!r}: its spec changed in {detail}. Trials "
+                        f"with these settings would not be comparable with the recorded ones. "
+                        f"Restore the spec, or run it as a new study with --name NEW.")
+    merged = {**recorded, "storage": given["storage"], "data_dir": given["data_dir"],
+              "resources": given["resources"], "max_concurrent": given["max_concurrent"],
+              **(overrides or {})}
+    return spec_from_dict(merged, f"study {spec.name}")
+
+
+def _comparable(value: Any) -> Any:
+    import json
+
+    return json.loads(json.dumps(value))  # tuples -> lists, as recorded
+
+
 def run_study(spec: StudySpec, address: Optional[str] = None, verbose: int = 1,
-              trainable: Optional[Callable] = None) -> dict[str, Any]:
+              trainable: Optional[Callable] = None, resume: bool = False) -> dict[str, Any]:
     """Run every family's search to its trial budget; returns {family: best row}.
 
+    A name whose Optuna storage already holds trials needs `resume=True`: then the
+    storage decides what is left (see study.search), whatever stopped the last driver.
     `trainable(config, setup)` defaults to study.trainable.train_trial.
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -113,30 +179,49 @@ def run_study(spec: StudySpec, address: Optional[str] = None, verbose: int = 1,
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     from search_spaces import SPACES, paper_point
 
+    from .search import StudySearch, TrialLedger, plan_family, stale_runs_closed
     from .trainable import TrialSetup, train_trial
 
     spec = resolve_study_data(spec)
     storage = open_optuna_storage(spec.store("optuna"))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    plans = {f: plan_family(storage, f"{spec.name}/{f}", spec.trials) for f in spec.families}
+    if not resume and any(p.exists for p in plans.values()):
+        n = sum(p.finished + len(p.retry) for p in plans.values())
+        raise StudyExistsError(
+            f"Study {spec.name!r} already exists: {n} trials in {mask_url(spec.store('optuna'))}. "
+            f"Continue it with `gmwae study resume {spec.name}` (or `study run SPEC --resume`), "
+            f"or start a new study with `--name NEW`.")
     tracker = _open_tracker(spec)
     tracker.log_spec(spec.to_dict())
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, logging_level="WARNING")
     _check_resources(spec)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     ray_storage = spec.store("ray")
     if "://" not in ray_storage:
         ray_storage = str(Path(ray_storage).expanduser().resolve())
     summary: dict[str, Any] = {}
     for family in spec.families:
-        searcher = OptunaSearch(
+        plan = plans[family]
+        study = optuna.create_study(study_name=plan.study_name, storage=storage,
+                                    direction="maximize", load_if_exists=True)
+        study.set_user_attr("spec", _comparable(spec.to_dict()))
+        if plan.exists:
+            stale_runs_closed(storage, plan.study_name, tracker.client, tracker.experiment_id,
+                              family)
+        if plan.samples == 0:
+            summary[family] = _best_from_optuna(study, family)
+            continue
+        searcher = StudySearch(
             space=functools.partial(SPACES[spec.space], family=family),
-            metric=VAL_ACC, mode="max", storage=storage,
-            study_name=f"{spec.name}/{family}", seed=spec.seed,
-            points_to_evaluate=[paper_point(spec.space, family)])
+            metric=VAL_ACC, mode="max", storage=storage, study_name=plan.study_name,
+            # a resumed sampler must not replay the first run's random draws
+            seed=spec.seed + plan.finished + len(plan.retry),
+            points_to_evaluate=None if plan.exists else [paper_point(spec.space, family)],
+            retry=plan.retry)
         scheduler = None
         if spec.scheduler.type == "asha":
             scheduler = ASHAScheduler(time_attr="training_iteration", max_t=spec.max_iterations,
@@ -148,15 +233,18 @@ def run_study(spec: StudySpec, address: Optional[str] = None, verbose: int = 1,
         tuner = tune.Tuner(
             trainable_with_resources,
             tune_config=tune.TuneConfig(metric=VAL_ACC, mode="max", search_alg=searcher,
-                                        scheduler=scheduler, num_samples=spec.trials,
+                                        scheduler=scheduler, num_samples=plan.samples,
                                         max_concurrent_trials=spec.max_concurrent),
             run_config=tune.RunConfig(
                 name=f"{spec.name}-{family}", storage_path=ray_storage, verbose=verbose,
-                callbacks=[TrialLogger(tracker, family, spec.max_iterations)],
+                callbacks=[TrialLedger(storage, plan.study_name, VAL_ACC),
+                           TrialLogger(tracker, family, spec.max_iterations)],
                 failure_config=tune.FailureConfig(max_failures=0),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
-        results = tuner.fit()
-        summary[family] = _best_row(results, family)
+                checkpoint_config=tune.CheckpointConfig(
+                    num_to_keep=2, checkpoint_score_attribute=VAL_ACC,
+                    checkpoint_score_order="max")))
+        tuner.fit()
+        summary[family] = _best_from_optuna(study, family)
     tracker.client.set_terminated(tracker.parent_run_id, "FINISHED")
     return summary
 
@@ -174,12 +262,18 @@ def _family_trainable(fn: Callable, setup: Any) -> Callable:
     return trial
 
 
-def _best_row(results, family: str) -> dict[str, Any]:
-    ok = [r for r in results if r.error is None and r.metrics and VAL_ACC in r.metrics]
-    failed = sum(r.error is not None for r in results)
+def _best_from_optuna(study, family: str) -> dict[str, Any]:
+    """The family's best finished trial, from Optuna (the whole study, resumed parts too)."""
+    from .search import private_keys_removed
+
+    trials = study.get_trials(deepcopy=False)
+    ok = [t for t in trials if t.state.name == "COMPLETE" and t.value is not None]
+    failed = sum(t.state.name == "FAIL" for t in trials)
     if not ok:
-        return {"family": family, "trials": len(results), "failed": failed}
-    best = max(ok, key=lambda r: r.metrics[VAL_ACC])
-    return {"family": family, "trials": len(results), "failed": failed,
-            VAL_ACC: best.metrics[VAL_ACC], VAL_ACTIVE: best.metrics.get(VAL_ACTIVE),
-            "iterations": best.metrics.get("iteration"), "params": best.config}
+        return {"family": family, "trials": len(trials), "failed": failed}
+    best = max(ok, key=lambda t: t.user_attrs.get("best_value", t.value))
+    return {"family": family, "trials": len(trials), "failed": failed, "number": best.number,
+            VAL_ACC: best.user_attrs.get("best_value", best.value),
+            VAL_ACTIVE: best.user_attrs.get("best_active"),
+            "iterations": best.user_attrs.get("latest_iteration"),
+            "params": private_keys_removed(best.params)}

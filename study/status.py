@@ -30,7 +30,7 @@ def study_status(spec: StudySpec) -> dict[str, Any]:
     import optuna
     from mlflow.tracking import MlflowClient
 
-    from .runner import mask_url, open_optuna_storage
+    from .runner import mask_url, open_optuna_storage, recorded_spec
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = spec.store("optuna")
@@ -38,6 +38,8 @@ def study_status(spec: StudySpec) -> dict[str, Any]:
         raise SpecError(f"No study {spec.name!r}: its Optuna storage {mask_url(url)} does not exist. "
                         f"Run `gmwae study run SPEC` first, or pass the spec file it ran with.")
     storage = open_optuna_storage(url)
+    recorded = recorded_spec(storage, spec) or {}
+    requested = recorded.get("trials", spec.trials)
     names = {s.study_name for s in optuna.get_all_study_summaries(storage)}
     client = MlflowClient(spec.store("mlflow"))
     exp = client.get_experiment_by_name(spec.name)
@@ -46,20 +48,25 @@ def study_status(spec: StudySpec) -> dict[str, Any]:
     for family in spec.families:
         study_name = f"{spec.name}/{family}"
         if study_name not in names:
-            out[family] = {"states": {}, "requested": spec.trials}
+            out[family] = {"states": {}, "requested": requested}
             continue
         trials = optuna.load_study(study_name=study_name, storage=storage).trials
         done = [t for t in trials if t.state.name == "COMPLETE" and t.value is not None]
-        best = max(done, key=lambda t: t.value) if done else None
+        best = max(done, key=_best_value) if done else None
         out[family] = {
-            "requested": spec.trials,
+            "requested": requested,
             "states": dict(Counter(t.state.name for t in trials)),
-            "best_value": best.value if best else None,
+            "best_value": _best_value(best) if best else None,
             "best_params": best.params if best else None,
             "mlflow_runs": dict(Counter(r.info.status for r in runs
                                         if r.data.tags.get("family") == family)),
         }
     return out
+
+
+def _best_value(trial) -> float:
+    """A trial's best validation accuracy over its iterations (its Optuna value is the last)."""
+    return trial.user_attrs.get("best_value", trial.value)
 
 
 def format_status(spec: StudySpec, status: dict[str, Any]) -> str:

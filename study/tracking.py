@@ -69,14 +69,33 @@ class TrialLogger(tune.Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         if trial.trial_id in self.run_ids:
             return
-        run = self.client.create_run(
-            self.tracker.experiment_id, run_name=f"{self.family}-{trial.trial_id}",
-            tags={"mlflow.parentRunId": self.tracker.parent_run_id, "role": "trial",
-                  "family": self.family, "study": self.tracker.study,
-                  "trial_id": trial.trial_id, "git_sha": self.sha})
+        number = trial.config.get("_optuna_trial")
+        run_id = self._existing_run(number)
+        if run_id is not None:  # a trial cut off by a killed driver, retried: same run
+            self.client.update_run(run_id, status="RUNNING")
+            self.client.set_tag(run_id, "tune_trial_id", trial.trial_id)
+            self.run_ids[trial.trial_id] = run_id
+            return
+        tags = {"mlflow.parentRunId": self.tracker.parent_run_id, "role": "trial",
+                "family": self.family, "study": self.tracker.study,
+                "trial_id": trial.trial_id, "tune_trial_id": trial.trial_id, "git_sha": self.sha}
+        if number is not None:
+            tags["optuna_trial"] = str(number)
+        label = trial.trial_id if number is None else number
+        run = self.client.create_run(self.tracker.experiment_id,
+                                     run_name=f"{self.family}-{label}", tags=tags)
         self.run_ids[trial.trial_id] = run.info.run_id
         self.client.log_batch(run.info.run_id, params=[
-            Param(k, str(v)) for k, v in sorted(trial.config.items())])
+            Param(k, str(v)) for k, v in sorted(trial.config.items()) if not k.startswith("_")])
+
+    def _existing_run(self, number) -> Optional[str]:
+        if number is None:
+            return None
+        runs = self.client.search_runs(
+            [self.tracker.experiment_id],
+            f"tags.role = 'trial' and tags.family = '{self.family}' and "
+            f"tags.optuna_trial = '{number}'", max_results=1)
+        return runs[0].info.run_id if runs else None
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self.run_ids.get(trial.trial_id)

@@ -16,6 +16,8 @@ from ray import tune
 from gmwae_core import Trainer, load_checkpoint, load_splits, save_checkpoint
 from gmwae_core.figures import write_figures
 
+from .search import RESUME_FROM, private_keys_removed
+
 __all__ = ["TrialSetup", "train_trial"]
 
 
@@ -31,9 +33,11 @@ def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     import torch
 
     torch.set_num_threads(max(1, int(setup.spec.resources.cpu)))
-    cfg = setup.spec.run_config(setup.family, config)
+    cfg = setup.spec.run_config(setup.family, private_keys_removed(config))
     trainer = Trainer(cfg, load_splits(cfg.data))
     checkpoint: Optional[tune.Checkpoint] = tune.get_checkpoint()
+    if checkpoint is None and config.get(RESUME_FROM):  # cut off by a killed driver
+        checkpoint = tune.Checkpoint(config[RESUME_FROM])
     iteration = 0
     if checkpoint is not None:  # a retried or resumed trial continues where it stopped
         with checkpoint.as_directory() as folder:

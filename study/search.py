@@ -1,0 +1,139 @@
+"""The Optuna side of a study: the storage is the source of truth, so a study can resume.
+
+A Tune run keeps its own snapshot of the searcher, and after a hard kill of the driver
+that snapshot is older than the database (Tuner.restore then fails). So resume never
+restores Tune's state; it reads each family's Optuna study instead:
+
+- COMPLETE, PRUNED and FAIL trials are finished: kept as they are, counted once;
+- RUNNING trials were cut off by the kill: each is retried as a new Tune trial that is
+  bound to the *same* Optuna trial (same number, same params) and starts from the last
+  checkpoint the ledger recorded for it;
+- the rest of the budget is asked from the sampler as usual.
+
+Every Tune trial's config carries `_optuna_trial` (its Optuna number); the ledger callback
+records on that Optuna trial where its latest and best checkpoints are.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import optuna
+from ray import tune
+from ray.tune.search.optuna import OptunaSearch
+
+__all__ = ["StudySearch", "TrialLedger", "FamilyPlan", "plan_family", "OPTUNA_TRIAL",
+           "RESUME_FROM", "FINISHED_STATES", "private_keys_removed", "stale_runs_closed"]
+
+OPTUNA_TRIAL = "_optuna_trial"
+RESUME_FROM = "_resume_from"
+FINISHED_STATES = ("COMPLETE", "PRUNED", "FAIL")
+
+
+def private_keys_removed(config: dict[str, Any]) -> dict[str, Any]:
+    """The searched values only (the platform's own `_` keys dropped)."""
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+@dataclass(frozen=True)
+class FamilyPlan:
+    """What one family's run has to do: retry the cut-off trials, then ask for `new` more."""
+
+    study_name: str
+    requested: int
+    finished: int = 0
+    retry: tuple[int, ...] = ()
+    """Optuna numbers of trials left RUNNING by a killed driver."""
+    exists: bool = False
+
+    @property
+    def new(self) -> int:
+        return max(0, self.requested - self.finished - len(self.retry))
+
+    @property
+    def samples(self) -> int:
+        return len(self.retry) + self.new
+
+
+def plan_family(storage, study_name: str, requested: int) -> FamilyPlan:
+    """Count an Optuna study's trials by state (no study yet: everything is new)."""
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        return FamilyPlan(study_name, requested)
+    trials = study.get_trials(deepcopy=False)
+    finished = sum(t.state.name in FINISHED_STATES for t in trials)
+    retry = tuple(t.number for t in trials if t.state.name == "RUNNING")
+    return FamilyPlan(study_name, requested, finished, retry, exists=bool(trials))
+
+
+class StudySearch(OptunaSearch):
+    """OptunaSearch that tags each config with its Optuna number and can re-attach
+    Tune trials to Optuna trials a killed driver left RUNNING."""
+
+    def __init__(self, *args, retry: tuple[int, ...] = (), **kwargs):
+        super().__init__(*args, **kwargs)
+        self._retry = list(retry)
+
+    def suggest(self, trial_id: str) -> Optional[dict]:
+        extra: dict[str, Any] = {}
+        if trial_id not in self._ot_trials and self._retry:
+            frozen = self._ot_study.trials[self._retry.pop(0)]  # trials are ordered by number
+            self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, frozen._trial_id)
+            extra[RESUME_FROM] = frozen.user_attrs.get("latest_checkpoint")
+        config = super().suggest(trial_id)
+        if not isinstance(config, dict):
+            return config
+        ot_trial = self._ot_trials[trial_id]
+        ot_trial.set_user_attr("tune_trial_id", trial_id)
+        return {**config, OPTUNA_TRIAL: ot_trial.number, **extra}
+
+
+class TrialLedger(tune.Callback):
+    """Records on each Optuna trial where its latest and best checkpoints are.
+
+    Runs on the driver (one writer). Checkpoints are kept by Tune with `num_to_keep`
+    ranked by the same metric, and the latest is always kept, so both paths stay valid.
+    """
+
+    def __init__(self, storage, study_name: str, metric: str,
+                 also: tuple[str, ...] = ("val/active_components",)):
+        self.study = optuna.load_study(study_name=study_name, storage=storage)
+        self.metric, self.also = metric, also
+        self.best: dict[int, float] = {}
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        number = trial.config.get(OPTUNA_TRIAL)
+        result = trial.last_result or {}
+        if number is None:
+            return
+        frozen = self.study.trials[number]
+        attrs = {"latest_checkpoint": checkpoint.path,
+                 "latest_iteration": int(result.get("iteration", 0))}
+        value = result.get(self.metric)
+        best = self.best.get(number, frozen.user_attrs.get("best_value", -math.inf))
+        if isinstance(value, (int, float)) and math.isfinite(value) and value > best:
+            self.best[number] = value
+            attrs.update(best_checkpoint=checkpoint.path, best_value=float(value),
+                         best_iteration=attrs["latest_iteration"])
+            attrs.update({"best_" + k.split("/")[-1].replace("_components", ""): result[k]
+                          for k in self.also if k in result})
+        for key, val in attrs.items():
+            self.study._storage.set_trial_user_attr(frozen._trial_id, key, val)
+
+
+def stale_runs_closed(storage, study_name: str, client, experiment_id: str, family: str) -> int:
+    """MLflow child runs left RUNNING whose Optuna trial has finished: set their status."""
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    states = {t.number: t.state.name for t in study.get_trials(deepcopy=False)}
+    closed = 0
+    for run in client.search_runs([experiment_id], f"tags.role = 'trial' and tags.family = "
+                                                   f"'{family}' and attributes.status = 'RUNNING'"):
+        number = run.data.tags.get("optuna_trial")
+        state = states.get(int(number)) if number is not None else None
+        if state in FINISHED_STATES:
+            client.set_terminated(run.info.run_id, "FAILED" if state == "FAIL" else "FINISHED")
+            closed += 1
+    return closed
+
