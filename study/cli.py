@@ -10,6 +10,8 @@
     gmwae study run studies/smoke.yaml                      # a whole study, local Ray, sqlite stores
     gmwae study status smoke                                # its trials so far, from the stores
     gmwae study resume smoke                                # after the driver died (kill -9 too)
+    gmwae study export smoke --top 2 --out exports/smoke    # best checkpoints + model registry
+    gmwae study confirm smoke --seeds 5                     # best configs again, new seeds
 
 User errors (bad config, data, checkpoint) print one line and exit with status 2.
 """
@@ -86,6 +88,23 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
                         help="trials per family (default: as recorded when the study started)")
     resume.add_argument("--address", default=None, help="Ray cluster address")
     resume.add_argument("--quiet", action="store_true", help="no Tune progress table")
+    export = study_sub.add_parser("export", help="the top trials' best checkpoints -> a folder "
+                                                 "and the MLflow Model Registry (no training)")
+    export.add_argument("study", help="a study name or the spec file it ran with")
+    export.add_argument("--top", type=int, default=1, help="trials per family (default 1)")
+    export.add_argument("--family", choices=["gmwae", "gmvae"], action="append", default=None,
+                        help="only this family (repeatable; default: the study's families)")
+    export.add_argument("--out", required=True, help="a new (or empty) folder")
+    export.add_argument("--registry-uri", default=None,
+                        help="MLflow Model Registry URI (default: the study's MLflow store)")
+    confirm = study_sub.add_parser("confirm", help="re-train each family's best configuration "
+                                                   "with new seeds; test metrics as mean +- std")
+    confirm.add_argument("study", help="a study name or the spec file it ran with")
+    confirm.add_argument("--seeds", type=int, default=5, help="new seeds per family (default 5)")
+    confirm.add_argument("--out", default=None,
+                         help="folder for confirm.md and confirm.json (default runs/NAME/confirm)")
+    confirm.add_argument("--address", default=None, help="Ray cluster address")
+    confirm.add_argument("--quiet", action="store_true", help="no Tune progress table")
     status = study_sub.add_parser("status", help="trials so far, from the study's stores "
                                                  "(while it runs or after)")
     status.add_argument("study", help="a spec file, or a study name (studies/NAME.yaml, else "
@@ -205,6 +224,35 @@ def _study(args: argparse.Namespace) -> int:
 
         spec = find_spec(args.study)
         print(format_status(spec, study_status(spec)))
+        return 0
+    if args.study_command == "confirm":
+        from .confirm import confirm_study
+        from .runner import load_recorded_spec, spec_for_resume
+        from .status import find_spec
+
+        spec = find_spec(args.study)
+        spec = spec_for_resume(spec, load_recorded_spec(spec), compare=False)
+        table = confirm_study(spec, args.seeds, args.out, args.address,
+                              verbose=0 if args.quiet else 1)
+        print("\n" + table["markdown"])
+        print(f"wrote {table['out']}/confirm.md and confirm.json (also on the study's MLflow "
+              f"parent run, under confirm/)")
+        return 0
+    if args.study_command == "export":
+        from .export import export_study
+        from .status import find_spec
+
+        rows = export_study(find_spec(args.study), args.out, args.top, args.family,
+                            args.registry_uri)
+        print(f"\n{'family':<8}{'trial':>6}{'val acc':>9}{'test acc':>9}{'active':>7}  "
+              f"registered as / folder")
+        for r in rows:
+            m = r["metrics"]
+            print(f"{r['family']:<8}{r['optuna_trial']:>6}{m['val/cluster_acc']:>9.3f}"
+                  f"{m['test/cluster_acc']:>9.3f}{m['test/active_components']:>7.0f}  "
+                  f"{r['registered_model']} v{r['version']}  {r['folder']}")
+        print(f"wrote {Path(args.out) / 'export.json'}; check one with "
+              f"`gmwae evaluate {rows[0]['folder']} --check`")
         return 0
     from .runner import load_recorded_spec, run_study, spec_for_resume
     from .spec import load_spec

@@ -175,6 +175,8 @@ def run_study(spec: StudySpec, address: Optional[str] = None, verbose: int = 1,
     `trainable(config, setup)` defaults to study.trainable.train_trial.
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Tune warns on every short iteration that snapshots are frequent; they are cheap here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     import optuna
     import ray
     from ray import tune

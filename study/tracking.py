@@ -21,7 +21,7 @@ __all__ = ["StudyTracker", "TrialLogger", "git_sha", "VAL_ACC", "VAL_MMD", "VAL_
 VAL_ACC = "val/cluster_acc"
 VAL_MMD = "val/mmd"
 VAL_ACTIVE = "val/active_components"
-TRACKED_PREFIXES = ("train/", "val/")
+TRACKED_PREFIXES = ("train/", "val/", "test/")
 
 
 def git_sha() -> str:
@@ -56,8 +56,11 @@ class StudyTracker:
 class TrialLogger(tune.Callback):
     """Mirrors one family's Tune trials into nested MLflow runs."""
 
-    def __init__(self, tracker: StudyTracker, family: str, max_iterations: int):
+    def __init__(self, tracker: StudyTracker, family: str, max_iterations: int,
+                 role: str = "trial"):
+        """role: "trial" (a search trial) or "confirm" (a re-training with a new seed)."""
         self.tracker, self.family, self.max_iterations = tracker, family, max_iterations
+        self.role = role
         self.run_ids: dict[str, str] = {}
         self.iterations: dict[str, int] = {}
         self.sha = git_sha()
@@ -76,12 +79,18 @@ class TrialLogger(tune.Callback):
             self.client.set_tag(run_id, "tune_trial_id", trial.trial_id)
             self.run_ids[trial.trial_id] = run_id
             return
-        tags = {"mlflow.parentRunId": self.tracker.parent_run_id, "role": "trial",
+        tags = {"mlflow.parentRunId": self.tracker.parent_run_id, "role": self.role,
                 "family": self.family, "study": self.tracker.study,
                 "trial_id": trial.trial_id, "tune_trial_id": trial.trial_id, "git_sha": self.sha}
         if number is not None:
             tags["optuna_trial"] = str(number)
+        if self.role != "trial":
+            tags["seed"] = str(trial.config.get("seed"))
+            tags["confirms_trial"] = str(trial.config.get("_confirms"))
+            tags["confirm_batch"] = str(trial.config.get("_confirm_batch"))
         label = trial.trial_id if number is None else number
+        if self.role != "trial":
+            label = f"{self.role}-{label}-seed{trial.config.get('seed')}"
         run = self.client.create_run(self.tracker.experiment_id,
                                      run_name=f"{self.family}-{label}", tags=tags)
         self.run_ids[trial.trial_id] = run.info.run_id
@@ -93,7 +102,7 @@ class TrialLogger(tune.Callback):
             return None
         runs = self.client.search_runs(
             [self.tracker.experiment_id],
-            f"tags.role = 'trial' and tags.family = '{self.family}' and "
+            f"tags.role = '{self.role}' and tags.family = '{self.family}' and "
             f"tags.optuna_trial = '{number}'", max_results=1)
         return runs[0].info.run_id if runs else None
 

@@ -27,6 +27,8 @@ class TrialSetup:
 
     spec: Any  # study.spec.StudySpec
     family: str
+    test_at_end: bool = False
+    """Also evaluate the test split at the last iteration (confirm runs; never in a search)."""
 
 
 def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
@@ -49,6 +51,8 @@ def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         iteration += 1
         metrics = {**train_metrics, **val.metrics, "iteration": iteration,
                    "steps": trainer.step, "train_seconds": trainer.train_seconds}
+        if setup.test_at_end and iteration == setup.spec.max_iterations:
+            metrics.update(trainer.evaluate("test").metrics)
         with tempfile.TemporaryDirectory() as tmp:
             save_checkpoint(trainer, Path(tmp) / "checkpoint", metrics)
             if iteration == setup.spec.max_iterations:
