@@ -2,11 +2,14 @@
 
 The callback runs on the Tune driver, so only one process writes to the tracking store
 (sqlite stays safe with concurrent trials). It logs each trial's params and tags when it
-starts, its metrics at every iteration (step = iteration), and when it ends the figures
-from its final checkpoint and its status: FINISHED, or FAILED with the reason as a tag.
+starts, its metrics at every iteration (step = iteration), and when it ends, from its
+latest checkpoint, the figures (when it ran to the end), the step-level history as
+`history/...` metrics (step = training step), the label-by-k matrix, and its status:
+FINISHED, or FAILED with the reason as a tag.
 """
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 from pathlib import Path
@@ -133,7 +136,21 @@ class TrialLogger(tune.Callback):
                 figures = Path(folder) / "figures"
                 if figures.is_dir():
                     self.client.log_artifacts(run_id, str(figures), "figures")
+                self._log_history(run_id, Path(folder))
         self.client.set_terminated(run_id, status)
+
+    def _log_history(self, run_id: str, folder: Path) -> None:
+        """The step-level history as `history/...` metrics (step = training step) and the
+        label-by-k matrix as an artifact, from the trial's latest checkpoint."""
+        history = folder / "history.json"
+        if history.is_file():
+            rows = json.loads(history.read_text())
+            metrics = [Metric(f"history/{k}", float(v), 0, int(row["step"])) for row in rows
+                       for k, v in row.items() if k != "step" and math.isfinite(float(v))]
+            for i in range(0, len(metrics), 900):  # log_batch takes at most 1000 metrics
+                self.client.log_batch(run_id, metrics=metrics[i: i + 900])
+        if (folder / "label_by_k.json").is_file():
+            self.client.log_artifact(run_id, str(folder / "label_by_k.json"))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._finish(trial, "FINISHED")

@@ -6,6 +6,7 @@ metrics with a checkpoint. The last iteration's checkpoint also holds the figure
 """
 from __future__ import annotations
 
+import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,9 @@ def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
             metrics.update(trainer.evaluate("test").metrics)
         with tempfile.TemporaryDirectory() as tmp:
             save_checkpoint(trainer, Path(tmp) / "checkpoint", metrics)
+            # For the tracker and the dashboards: step history (paper Fig. 1), label-by-k (5a).
+            (Path(tmp) / "history.json").write_text(json.dumps(trainer.history))
+            (Path(tmp) / "label_by_k.json").write_text(json.dumps(val.label_by_k.tolist()))
             if iteration == setup.spec.max_iterations:
                 write_figures(trainer, val, Path(tmp) / "figures", split="val")
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
