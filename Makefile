@@ -1,7 +1,7 @@
 # gmwae-studies: set-up, demo, tests and benchmarks.
 #   make study       set up .venv, then run studies/quickstart.yaml (MNIST, both families, ~15 min)
 #   make demo        set up .venv, then train a GM-WAE on scikit-learn's digits (offline, ~75 s)
-#   make test        set up .venv, then run the test suite
+#   make test        set up .venv and the system packages (apt: chromium, postgresql), run the tests
 #   make quality     benchmarks/quality.py on MNIST (2 x 20 min on 2 cores)
 #   make throughput  benchmarks/throughput.py
 PYTHON ?= python3.11
@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 DATA_DIR ?= $(if $(GMWAE_DATA_DIR),$(GMWAE_DATA_DIR),../shared/data/mnist)
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: venv study demo test quality throughput clean
+.PHONY: venv sysdeps study demo test quality throughput dashboard-bench clean
 
 # pip, not uv: torch==2.14.1 and torchvision==0.29.1 come from this machine's disk.
 $(VENV)/.installed: pyproject.toml
@@ -21,6 +21,18 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# System packages the tests use: Debian's chromium (the dashboard is checked in it) and
+# PostgreSQL (the local cluster's Optuna storage). Installed with apt when missing.
+sysdeps:
+	@missing=""; \
+	test -x /usr/bin/chromium || missing="$$missing chromium"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing (apt)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
 study: venv
 	GMWAE_DATA_DIR=$(DATA_DIR) $(VENV)/bin/gmwae study run studies/quickstart.yaml
 	@echo "Open the study in MLflow:  $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///runs/quickstart/mlflow.db"
@@ -28,7 +40,7 @@ study: venv
 demo: venv
 	$(VENV)/bin/gmwae train --family gmwae --preset cpu --dataset digits --epochs 30 --out runs/demo-digits-gmwae
 
-test: venv
+test: venv sysdeps
 	$(PY) -m pytest -q
 
 quality: venv

@@ -12,6 +12,7 @@
     gmwae study resume smoke                                # after the driver died (kill -9 too)
     gmwae study export smoke --top 2 --out exports/smoke    # best checkpoints + model registry
     gmwae study confirm smoke --seeds 5                     # best configs again, new seeds
+    gmwae dashboard smoke                                   # runs/smoke/report.html (Plotly, offline)
 
 User errors (bad config, data, checkpoint) print one line and exit with status 2.
 """
@@ -111,6 +112,18 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
                                       "the default stores under runs/NAME)")
 
 
+def _add_dashboard(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("dashboard", help="one self-contained HTML report comparing the families "
+                                         "of a study (Plotly, opens offline)")
+    p.add_argument("study", help="a study name or the spec file it ran with")
+    p.add_argument("--out", default=None, help="HTML file (default runs/NAME/report.html)")
+    p.add_argument("--mlflow-url", default=None,
+                   help="address of an MLflow UI for links to the runs (default: the tracking "
+                        "server when the study uses one)")
+    p.add_argument("--no-log", action="store_true",
+                   help="do not log the report to the study's parent MLflow run")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gmwae", description=__doc__.split("\n")[0] or None,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -118,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_evaluate(sub)
     _add_study(sub)
+    _add_dashboard(sub)
     return parser
 
 
@@ -297,12 +311,27 @@ def _study(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dashboard(args: argparse.Namespace) -> int:
+    import time
+
+    from dashboards.report import write_report
+
+    from .status import find_spec
+
+    start = time.monotonic()
+    out = write_report(find_spec(args.study), args.out, args.mlflow_url, not args.no_log)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {time.monotonic() - start:.1f} s); "
+          f"open it in a browser (no network needed)")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from gmwae_core import CheckpointError, ConfigError, DataError, NonFiniteLossError
 
     try:
-        return {"train": _train, "evaluate": _evaluate, "study": _study}[args.command](args)
+        return {"train": _train, "evaluate": _evaluate, "study": _study,
+                "dashboard": _dashboard}[args.command](args)
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"gmwae {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

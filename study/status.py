@@ -11,7 +11,7 @@ from typing import Any
 
 from .spec import SpecError, StudySpec, load_spec, spec_from_dict
 
-__all__ = ["find_spec", "study_status"]
+__all__ = ["find_spec", "study_status", "study_exists"]
 
 
 def find_spec(name_or_path: str, studies_dir: str | Path = "studies") -> StudySpec:
@@ -25,19 +25,26 @@ def find_spec(name_or_path: str, studies_dir: str | Path = "studies") -> StudySp
     return spec_from_dict({"name": name_or_path})
 
 
+def study_exists(spec: StudySpec) -> None:
+    """Raise SpecError when the study's sqlite Optuna storage does not exist (and make none)."""
+    from .runner import mask_url
+
+    url = spec.store("optuna")
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).expanduser().is_file():
+        raise SpecError(f"No study {spec.name!r}: its Optuna storage {mask_url(url)} does not exist. "
+                        f"Run `gmwae study run SPEC` first, or pass the spec file it ran with.")
+
+
 def study_status(spec: StudySpec) -> dict[str, Any]:
     """Per family: Optuna trial states, best value and params; MLflow child runs by status."""
     import optuna
     from mlflow.tracking import MlflowClient
 
-    from .runner import mask_url, open_optuna_storage, recorded_spec
+    from .runner import open_optuna_storage, recorded_spec
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    url = spec.store("optuna")
-    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).expanduser().is_file():
-        raise SpecError(f"No study {spec.name!r}: its Optuna storage {mask_url(url)} does not exist. "
-                        f"Run `gmwae study run SPEC` first, or pass the spec file it ran with.")
-    storage = open_optuna_storage(url)
+    study_exists(spec)
+    storage = open_optuna_storage(spec.store("optuna"))
     recorded = recorded_spec(storage, spec) or {}
     requested = recorded.get("trials", spec.trials)
     names = {s.study_name for s in optuna.get_all_study_summaries(storage)}

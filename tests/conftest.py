@@ -1,3 +1,36 @@
 import os
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+GMWAE = str(Path(sys.executable).parent / "gmwae")
+
+
+def gmwae(*args, cwd, timeout=900):
+    """The `gmwae` command in a subprocess, as a user runs it."""
+    return subprocess.run([GMWAE, *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def smoke_study(tmp_path_factory):
+    """A finished smoke study (3 trials per family) and a 2-seed confirmation of it, in real
+    stores (local Ray, Optuna sqlite, MLflow sqlite); yields (spec file, its folder)."""
+    folder = tmp_path_factory.mktemp("smoke-study")
+    text = (ROOT / "studies/smoke.yaml").read_text()
+    text = text.replace("sqlite:///runs/{name}", f"sqlite:///{folder}").replace(
+        "ray: runs/{name}/ray", f"ray: {folder}/ray")
+    spec = folder / "smoke.yaml"
+    spec.write_text(text)
+    done = gmwae("study", "run", spec, "--quiet", cwd=folder)
+    assert done.returncode == 0, done.stderr[-4000:]
+    confirmed = gmwae("study", "confirm", spec, "--seeds", "2", "--out", folder / "confirm",
+                      "--quiet", cwd=folder)
+    assert confirmed.returncode == 0, confirmed.stderr[-4000:]
+    return spec, folder

@@ -49,3 +49,12 @@ def test_overhead_smoke_times_the_platform_against_direct_calls(tmp_path):
     assert seq["ratio"] == seq["platform_seconds"] / seq["direct_seconds"]
     assert conc["throughput_ratio"] == conc["one_at_a_time_seconds"] / conc["two_at_a_time_seconds"]
     assert "2 at a time" in out
+
+
+def test_dashboard_smoke_times_a_report_from_real_stores(tmp_path):
+    out = run("dashboard.py", "--smoke", "--out", tmp_path / "d.json")
+    result = json.loads((tmp_path / "d.json").read_text())
+    assert result["trials"] == 20 and len(result["build_seconds"]) == 1
+    assert 0 < result["build_seconds_median"] and 1.0 < result["size_mb"]  # plotly.js is inline
+    assert result["targets"]["size"]["met"] == (result["size_mb"] < 15.0)
+    assert "build s (median)" in out

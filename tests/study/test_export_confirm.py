@@ -1,36 +1,18 @@
 """Export and confirm on a real smoke study (local Ray, Optuna sqlite, MLflow sqlite)."""
 import json
-import shutil
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
 import pytest
 import torch
 
-ROOT = Path(__file__).parents[2]
-GMWAE = str(Path(sys.executable).parent / "gmwae")
-
-
-def gmwae(*args, cwd, timeout=900):
-    return subprocess.run([GMWAE, *map(str, args)], capture_output=True, text=True, cwd=cwd,
-                          timeout=timeout)
+from tests.conftest import gmwae
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    """A finished smoke study (3 trials per family); yields (spec file, its folder)."""
-    folder = tmp_path_factory.mktemp("export")
-    text = (ROOT / "studies/smoke.yaml").read_text()
-    text = text.replace("sqlite:///runs/{name}", f"sqlite:///{folder}").replace(
-        "ray: runs/{name}/ray", f"ray: {folder}/ray")
-    spec = folder / "smoke.yaml"
-    spec.write_text(text)
-    done = gmwae("study", "run", spec, "--quiet", cwd=folder)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return spec, folder
+def study(smoke_study):
+    return smoke_study
 
 
 def client_of(folder):
@@ -122,10 +104,8 @@ def test_export_of_an_altered_checkpoint_fails_cleanly(study, tmp_path):
 
 
 def test_confirm_table_matches_the_child_runs(study):
-    spec, folder = study
+    spec, folder = study  # the fixture ran `gmwae study confirm SPEC --seeds 2 --out confirm`
     out = folder / "confirm"
-    done = gmwae("study", "confirm", spec, "--seeds", "2", "--out", out, "--quiet", cwd=folder)
-    assert done.returncode == 0, done.stderr[-4000:]
     table = json.loads((out / "confirm.json").read_text())
     assert "± " in (out / "confirm.md").read_text()
     client = client_of(folder)
