@@ -268,7 +268,7 @@ def _study(args: argparse.Namespace) -> int:
         print(f"wrote {Path(args.out) / 'export.json'}; check one with "
               f"`gmwae evaluate {rows[0]['folder']} --check`")
         return 0
-    from .runner import load_recorded_spec, run_study, spec_for_resume
+    from .runner import load_recorded_spec, mask_url, run_study, spec_for_resume
     from .spec import load_spec
     from .status import find_spec
 
@@ -306,8 +306,11 @@ def _study(args: argparse.Namespace) -> int:
                            for k, v in sorted(row["params"].items()))
         print(f"{fam:<8}{row['trials']:>7}{row['failed']:>7}{row['val/cluster_acc']:>9.3f}"
               f"{row.get('val/active_components') or float('nan'):>7.0f}  {params}")
-    print(f"stores: optuna {spec.store('optuna')}, mlflow {spec.store('mlflow')} "
-          f"(mlflow ui --backend-store-uri {spec.store('mlflow')})")
+    mlflow_store = spec.store("mlflow")
+    ui = (f"open {mlflow_store}" if mlflow_store.startswith(("http://", "https://"))
+          else f"mlflow ui --backend-store-uri {mlflow_store}")
+    print(f"stores: optuna {mask_url(spec.store('optuna'))}, mlflow {mask_url(mlflow_store)} "
+          f"({mask_url(ui)})")
     return 0
 
 

@@ -110,7 +110,7 @@ def confirm_study(spec: StudySpec, seeds: int = 5, out: Optional[str | Path] = N
             run_config=tune.RunConfig(
                 name=f"{spec.name}-{family}-confirm", storage_path=ray_storage, verbose=verbose,
                 callbacks=[TrialLogger(tracker, family, spec.max_iterations, role="confirm")],
-                failure_config=tune.FailureConfig(max_failures=0),
+                failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
         results = tuner.fit()
         per_seed = {}

@@ -12,6 +12,7 @@ registration succeeded.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -147,17 +148,18 @@ def _export_trial(spec: StudySpec, family: str, trial, folder: Path) -> dict[str
     from gmwae_core.checkpoint import read_config
     from gmwae_core.figures import write_figures
 
-    source = Path(trial.user_attrs["best_checkpoint"]) / "checkpoint"
-    if not source.is_dir():
-        raise ExportError(f"The best checkpoint of {family} trial {trial.number} is gone: "
-                          f"{source} does not exist (Ray storage {spec.store('ray')} moved or "
-                          f"cleaned?). Restore the folder, or export other trials with --top.")
-    try:
-        cfg = read_config(source)
-        trainer = Trainer(cfg, load_splits(cfg.data))
-        saved = load_checkpoint(source, trainer)
-    except CheckpointError as e:
-        raise ExportError(f"{family} trial {trial.number}: {e}") from None
+    with _local_copy(trial.user_attrs["best_checkpoint"]) as trial_folder:
+        source = trial_folder / "checkpoint"
+        if not source.is_dir():
+            raise ExportError(f"The best checkpoint of {family} trial {trial.number} is gone: "
+                              f"{source} does not exist (Ray storage {spec.store('ray')} moved or "
+                              f"cleaned?). Restore the folder, or export other trials with --top.")
+        try:
+            cfg = read_config(source)
+            trainer = Trainer(cfg, load_splits(cfg.data))
+            saved = load_checkpoint(source, trainer)
+        except CheckpointError as e:
+            raise ExportError(f"{family} trial {trial.number}: {e}") from None
     val, test = trainer.evaluate("val"), trainer.evaluate("test")
     metrics = {k: v for k, v in saved.items() if not k.startswith(("val/", "test/"))}
     metrics.update(val.metrics)
@@ -170,6 +172,23 @@ def _export_trial(spec: StudySpec, family: str, trial, folder: Path) -> dict[str
             "iteration": trial.user_attrs.get("best_iteration"),
             "params": {k: v for k, v in trial.params.items()},
             "metrics": {k: v for k, v in metrics.items() if k.startswith(("val/", "test/"))}}
+
+
+@contextlib.contextmanager
+def _local_copy(location: str):
+    """A checkpoint as a local folder: itself, or a download of a remote one (s3://...)."""
+    if "://" not in location:
+        yield Path(location)
+        return
+    from ray import tune
+
+    with tempfile.TemporaryDirectory(prefix="gmwae-export-") as tmp:
+        try:
+            tune.Checkpoint(location).to_directory(tmp)
+        except Exception as e:  # noqa: BLE001 - any download failure reads the same
+            raise ExportError(f"Cannot download the checkpoint {location}: {e}. Check the Ray "
+                              f"storage's credentials on this machine.") from None
+        yield Path(tmp)
 
 
 def _child_run_id(client, experiment_id: str, family: str, number: int) -> Optional[str]:

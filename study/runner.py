@@ -67,12 +67,21 @@ def _open_tracker(spec: StudySpec) -> StudyTracker:
     _ensure_sqlite_folder(url)
     if url.startswith(("http://", "https://")):
         _probe_http(url)
+    # The first contact fails fast (a wrong password or a broken server is reported now);
+    # later calls keep MLflow's retries, which ride out a tracking server restart.
+    saved = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
     try:
         return StudyTracker(url, spec.name)
     except Exception as e:  # noqa: BLE001 - any failure to reach the store means the same
         raise StoreError(f"Cannot reach the MLflow tracking store {mask_url(url)}: "
                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Check "
                          f"storage.mlflow in the spec (sqlite:///FILE or http://HOST:PORT).") from None
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
+        else:
+            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = saved
 
 
 def _check_resources(spec: StudySpec) -> None:
@@ -104,7 +113,8 @@ def resolve_study_data(spec: StudySpec) -> StudySpec:
 
 
 # Keys a resumed study may change; any other difference would mix incomparable trials.
-RESUMABLE_CHANGES = ("trials", "max_concurrent", "resources", "data_dir", "storage")
+RESUMABLE_CHANGES = ("trials", "max_concurrent", "max_failures", "resources", "data_dir",
+                     "storage")
 
 
 class StudyExistsError(SpecError):
@@ -155,6 +165,7 @@ def spec_for_resume(spec: StudySpec, recorded: Optional[dict],
                         f"with these settings would not be comparable with the recorded ones. "
                         f"Restore the spec, or run it as a new study with --name NEW.")
     merged = {**recorded, "storage": given["storage"], "data_dir": given["data_dir"],
+              "max_failures": given["max_failures"],
               "resources": given["resources"], "max_concurrent": given["max_concurrent"],
               **(overrides or {})}
     return spec_from_dict(merged, f"study {spec.name}")
@@ -241,7 +252,7 @@ def run_study(spec: StudySpec, address: Optional[str] = None, verbose: int = 1,
                 name=f"{spec.name}-{family}", storage_path=ray_storage, verbose=verbose,
                 callbacks=[TrialLedger(storage, plan.study_name, VAL_ACC),
                            TrialLogger(tracker, family, spec.max_iterations)],
-                failure_config=tune.FailureConfig(max_failures=0),
+                failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                 checkpoint_config=tune.CheckpointConfig(
                     num_to_keep=2, checkpoint_score_attribute=VAL_ACC,
                     checkpoint_score_order="max")))

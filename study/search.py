@@ -109,13 +109,17 @@ class TrialLedger(tune.Callback):
         if number is None:
             return
         frozen = self.study.trials[number]
-        attrs = {"latest_checkpoint": checkpoint.path,
+        location = checkpoint.path  # a URI when the Ray storage is remote (s3://, gs://)
+        kind = getattr(checkpoint.filesystem, "type_name", "local")
+        if kind != "local":
+            location = f"{kind}://{location}"
+        attrs = {"latest_checkpoint": location,
                  "latest_iteration": int(result.get("iteration", 0))}
         value = result.get(self.metric)
         best = self.best.get(number, frozen.user_attrs.get("best_value", -math.inf))
         if isinstance(value, (int, float)) and math.isfinite(value) and value > best:
             self.best[number] = value
-            attrs.update(best_checkpoint=checkpoint.path, best_value=float(value),
+            attrs.update(best_checkpoint=location, best_value=float(value),
                          best_iteration=attrs["latest_iteration"])
             attrs.update({"best_" + k.split("/")[-1].replace("_components", ""): result[k]
                           for k in self.also if k in result})

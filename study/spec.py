@@ -103,6 +103,8 @@ class StudySpec:
     scheduler: Scheduler = field(default_factory=Scheduler)
     resources: Resources = field(default_factory=Resources)
     max_concurrent: int = 2
+    max_failures: int = 2
+    """Times Tune retries a trial that died (a lost node, an error), from its last checkpoint."""
     seed: int = 0
     storage: Storage = field(default_factory=Storage)
 
@@ -133,6 +135,8 @@ class StudySpec:
         if self.steps_per_iteration is not None and self.steps_per_iteration < 1:
             _fail("steps_per_iteration", "must be at least 1 when given", self.steps_per_iteration,
                   "Leave it null for one epoch per iteration.")
+        if self.max_failures < 0:
+            _fail("max_failures", "must be >= 0", self.max_failures, "Use 2 (0: never retry).")
         if self.max_concurrent < 1:
             _fail("max_concurrent", "must be at least 1", self.max_concurrent, "Use 2.")
         self.run_config("gmwae", {})  # the fixed values must make a valid run config
@@ -149,8 +153,18 @@ class StudySpec:
             raise SpecError(f"In the study spec's `fixed` or search space: {e}") from None
 
     def store(self, which: str) -> str:
-        """A store location with {name} filled in."""
-        return getattr(self.storage, which).format(name=self.name)
+        """A store location with {name} filled in and ${VAR} taken from the environment
+        (how a password reaches a study without being written in its spec)."""
+        import os
+        import re
+
+        value = getattr(self.storage, which).replace("{name}", self.name)
+        missing = [v for v in re.findall(r"\$\{(\w+)\}", value) if v not in os.environ]
+        if missing:
+            raise SpecError(f"`storage.{which}` uses ${{{missing[0]}}}, but the environment variable "
+                            f"{missing[0]} is not set. Export it (e.g. `export {missing[0]}=$(cat "
+                            f"FILE)`) before running the study.")
+        return os.path.expandvars(value)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -152,6 +152,13 @@ class TrialLogger(tune.Callback):
         if (folder / "label_by_k.json").is_file():
             self.client.log_artifact(run_id, str(folder / "label_by_k.json"))
 
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        """Tune retries the trial (its node died, or it raised) from its last checkpoint."""
+        run_id = self.run_ids.get(trial.trial_id)
+        if run_id is not None:
+            self.client.set_tag(run_id, "retries", str(trial.num_failures))
+            self.client.set_tag(run_id, "last_retry_reason", _failure_reason(trial)[-4000:])
+
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._finish(trial, "FINISHED")
 
