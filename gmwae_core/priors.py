@@ -12,7 +12,6 @@ which gives the paper's dist = 4 * sigma0 at prior_overlap = 2 * Phi(-2) (about 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .export import ExportError, chosen_trials
-from .runner import _check_resources, _family_trainable, _open_tracker, resolve_study_data
+from .runner import _family_trainable, _open_tracker, connect_ray, resolve_study_data
 from .search import private_keys_removed
 from .spec import StudySpec
 from .tracking import TrialLogger
@@ -79,7 +79,6 @@ def confirm_study(spec: StudySpec, seeds: int = 5, out: Optional[str | Path] = N
     runs/NAME/confirm, and logged to the study's parent MLflow run)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    import ray
     from ray import tune
 
     from .trainable import TrialSetup, train_trial
@@ -89,12 +88,7 @@ def confirm_study(spec: StudySpec, seeds: int = 5, out: Optional[str | Path] = N
     spec = resolve_study_data(spec)
     tracker = _open_tracker(spec)
     out = Path(out or Path("runs") / spec.name / "confirm")
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, logging_level="WARNING")
-    _check_resources(spec)
-    ray_storage = spec.store("ray")
-    if "://" not in ray_storage:
-        ray_storage = str(Path(ray_storage).expanduser().resolve())
+    ray_storage = connect_ray(spec, address)
     batch = time.strftime("%Y%m%d-%H%M%S")
     table: dict[str, Any] = {"study": spec.name, "seeds_requested": seeds, "families": {},
                              "confirm_batch": batch}

@@ -97,6 +97,20 @@ def _check_resources(spec: StudySpec) -> None:
                         f"has {total.get('CPU', 0):g} CPUs. Lower resources.cpu.")
 
 
+def connect_ray(spec: StudySpec, address: Optional[str]) -> str:
+    """Join (or start) the Ray cluster, check the spec's resources fit it, and return the
+    Ray storage path trials write to (absolute, or a URI such as s3://...)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, logging_level="WARNING")
+    _check_resources(spec)
+    ray_storage = spec.store("ray")
+    if "://" not in ray_storage:
+        ray_storage = str(Path(ray_storage).expanduser().resolve())
+    return ray_storage
+
+
 def resolve_study_data(spec: StudySpec) -> StudySpec:
     """Check the data folder on the driver and give trials its absolute path.
 
@@ -189,7 +203,6 @@ def run_study(spec: StudySpec, address: Optional[str] = None, verbose: int = 1,
     # Tune warns on every short iteration that snapshots are frequent; they are cheap here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     import optuna
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -210,12 +223,7 @@ def run_study(spec: StudySpec, address: Optional[str] = None, verbose: int = 1,
             f"or start a new study with `--name NEW`.")
     tracker = _open_tracker(spec)
     tracker.log_spec(spec.to_dict())
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, logging_level="WARNING")
-    _check_resources(spec)
-    ray_storage = spec.store("ray")
-    if "://" not in ray_storage:
-        ray_storage = str(Path(ray_storage).expanduser().resolve())
+    ray_storage = connect_ray(spec, address)
     summary: dict[str, Any] = {}
     for family in spec.families:
         plan = plans[family]

@@ -12,7 +12,7 @@ import optuna
 import pytest
 
 from study.local_cluster import PASSWORD_ENV, LocalCluster, ray_auth_headers
-from tests.conftest import ROOT, gmwae
+from tests.conftest import ROOT
 
 RAY = str(Path(sys.executable).parent / "ray")
 TRIALS = 3

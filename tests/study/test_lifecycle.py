@@ -8,7 +8,6 @@ from pathlib import Path
 
 import mlflow
 import optuna
-import pytest
 
 ROOT = Path(__file__).parents[2]
 GMWAE = str(Path(sys.executable).parent / "gmwae")
