@@ -62,6 +62,24 @@ def _probe_http(url: str, timeout: float = 5.0) -> None:
                          f"forward its port, or fix storage.mlflow in the spec.") from None
 
 
+def _with_retries(make: Callable, attempts: int = 3, wait: float = 2.0):
+    """make(), tried again on a transient database error (two processes creating the same
+    sqlite schema at once: a driver and a `study status` reader)."""
+    import time
+
+    import sqlalchemy.exc
+
+    for attempt in range(attempts):
+        try:
+            return make()
+        except Exception as e:  # noqa: BLE001 - MLflow wraps SQLAlchemy's errors in its own
+            transient = isinstance(e, sqlalchemy.exc.OperationalError) or \
+                "OperationalError" in str(e)
+            if not transient or attempt == attempts - 1:
+                raise
+            time.sleep(wait)
+
+
 def _open_tracker(spec: StudySpec) -> StudyTracker:
     url = spec.store("mlflow")
     _ensure_sqlite_folder(url)
@@ -72,7 +90,7 @@ def _open_tracker(spec: StudySpec) -> StudyTracker:
     saved = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
     try:
-        return StudyTracker(url, spec.name)
+        return _with_retries(lambda: StudyTracker(url, spec.name))
     except Exception as e:  # noqa: BLE001 - any failure to reach the store means the same
         raise StoreError(f"Cannot reach the MLflow tracking store {mask_url(url)}: "
                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Check "

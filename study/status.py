@@ -48,9 +48,12 @@ def study_status(spec: StudySpec) -> dict[str, Any]:
     recorded = recorded_spec(storage, spec) or {}
     requested = recorded.get("trials", spec.trials)
     names = {s.study_name for s in optuna.get_all_study_summaries(storage)}
-    client = MlflowClient(spec.store("mlflow"))
-    exp = client.get_experiment_by_name(spec.name)
-    runs = client.search_runs([exp.experiment_id], "tags.role = 'trial'") if exp else []
+    runs = []
+    if recorded:  # the driver records the spec after it opened (and set up) the MLflow store;
+        # reading it earlier could race the driver's first schema migration of a sqlite file
+        client = MlflowClient(spec.store("mlflow"))
+        exp = client.get_experiment_by_name(spec.name)
+        runs = client.search_runs([exp.experiment_id], "tags.role = 'trial'") if exp else []
     out: dict[str, Any] = {}
     for family in spec.families:
         study_name = f"{spec.name}/{family}"
