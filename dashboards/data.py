@@ -112,7 +112,7 @@ def load_study_data(spec, mlflow_url: Optional[str] = None, with_history: bool =
         for t in study.get_trials(deepcopy=False):
             run = runs.get((family, str(t.number)))
             row = TrialRow(family, t.number, t.state.name,
-                           {k: v for k, v in t.params.items() if not k.startswith("_")},
+                           dict(t.params),
                            best_value=t.user_attrs.get("best_value", t.value),
                            iterations=int(t.user_attrs.get("latest_iteration", 0)),
                            started=t.datetime_start, completed=t.datetime_complete)

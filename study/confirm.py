@@ -20,7 +20,6 @@ from typing import Any, Callable, Optional
 
 from .export import ExportError, chosen_trials
 from .runner import _family_trainable, _open_tracker, connect_ray, resolve_study_data
-from .search import private_keys_removed
 from .spec import StudySpec
 from .tracking import TrialLogger
 
@@ -93,7 +92,7 @@ def confirm_study(spec: StudySpec, seeds: int = 5, out: Optional[str | Path] = N
     table: dict[str, Any] = {"study": spec.name, "seeds_requested": seeds, "families": {},
                              "confirm_batch": batch}
     for family, trial in best.items():
-        params = private_keys_removed(trial.params)
+        params = trial.params
         fn = _family_trainable(trainable or train_trial,
                                TrialSetup(spec, family, test_at_end=True))
         tuner = tune.Tuner(

@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 from gmwae_core.config import ConfigError
 
-from .runner import StoreError, mask_url, open_optuna_storage
+from .runner import StoreError, mask_url, open_optuna_storage, sqlite_file_missing
 from .spec import StudySpec
 
 __all__ = ["export_study", "ExportError", "chosen_trials", "registered_model_name"]
@@ -45,7 +45,7 @@ def chosen_trials(spec: StudySpec, top: int, families: Optional[list[str]] = Non
     if top < 1:
         raise ExportError(f"`--top` must be at least 1, but got {top}. Use --top 1.")
     url = spec.store("optuna")
-    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).expanduser().is_file():
+    if sqlite_file_missing(url):
         raise ExportError(f"No study {spec.name!r}: its Optuna storage {mask_url(url)} does not "
                           f"exist. Pass the spec file the study ran with.")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -170,7 +170,7 @@ def _export_trial(spec: StudySpec, family: str, trial, folder: Path) -> dict[str
     return {"family": family, "optuna_trial": trial.number, "folder": folder.name,
             "tune_trial_id": trial.user_attrs.get("tune_trial_id"),
             "iteration": trial.user_attrs.get("best_iteration"),
-            "params": {k: v for k, v in trial.params.items()},
+            "params": dict(trial.params),
             "metrics": {k: v for k, v in metrics.items() if k.startswith(("val/", "test/"))}}
 
 

@@ -32,6 +32,11 @@ def mask_url(url: str) -> str:
     return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", url)
 
 
+def sqlite_file_missing(url: str) -> bool:
+    """True for a sqlite:/// URL whose file does not exist (opening it would create it)."""
+    return url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).expanduser().is_file()
+
+
 def _ensure_sqlite_folder(url: str) -> None:
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
@@ -170,7 +175,7 @@ def recorded_spec(storage, spec: StudySpec) -> Optional[dict]:
 def load_recorded_spec(spec: StudySpec) -> Optional[dict]:
     """recorded_spec from the spec's Optuna storage; None (and no file made) when it is absent."""
     url = spec.store("optuna")
-    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).expanduser().is_file():
+    if sqlite_file_missing(url):
         return None
     return recorded_spec(open_optuna_storage(url), spec)
 
@@ -303,8 +308,6 @@ def _family_trainable(fn: Callable, setup: Any) -> Callable:
 
 def _best_from_optuna(study, family: str) -> dict[str, Any]:
     """The family's best finished trial, from Optuna (the whole study, resumed parts too)."""
-    from .search import private_keys_removed
-
     trials = study.get_trials(deepcopy=False)
     ok = [t for t in trials if t.state.name == "COMPLETE" and t.value is not None]
     failed = sum(t.state.name == "FAIL" for t in trials)
@@ -315,4 +318,4 @@ def _best_from_optuna(study, family: str) -> dict[str, Any]:
             VAL_ACC: best.user_attrs.get("best_value", best.value),
             VAL_ACTIVE: best.user_attrs.get("best_active"),
             "iterations": best.user_attrs.get("latest_iteration"),
-            "params": private_keys_removed(best.params)}
+            "params": best.params}

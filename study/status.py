@@ -27,10 +27,10 @@ def find_spec(name_or_path: str, studies_dir: str | Path = "studies") -> StudySp
 
 def study_exists(spec: StudySpec) -> None:
     """Raise SpecError when the study's sqlite Optuna storage does not exist (and make none)."""
-    from .runner import mask_url
+    from .runner import mask_url, sqlite_file_missing
 
     url = spec.store("optuna")
-    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).expanduser().is_file():
+    if sqlite_file_missing(url):
         raise SpecError(f"No study {spec.name!r}: its Optuna storage {mask_url(url)} does not exist. "
                         f"Run `gmwae study run SPEC` first, or pass the spec file it ran with.")
 
