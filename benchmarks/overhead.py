@@ -9,7 +9,9 @@
    load data, pretrain, train, validate, checkpoint, figures). Ratio of wall times;
    target <= 1.10. Ray's start-up is measured apart (paid once per study).
 2. Concurrency: N trials with 1 CPU each, 2 at a time vs 1 at a time; throughput ratio;
-   target >= 1.8.
+   target >= 1.8. Measured twice: on the studies' wall times (which include the study's
+   one-off start-up: MLflow and Optuna stores, the first workers), and on the trials'
+   span (first trial start to last trial end, from the MLflow child runs' times).
 """
 from __future__ import annotations
 
@@ -61,14 +63,25 @@ def direct(spec, tmp: Path) -> float:
     return time.perf_counter() - start
 
 
-def platform(spec) -> float:
+def platform(spec) -> tuple[float, float]:
+    """(wall seconds of the study, seconds from its first trial's start to its last's end)."""
+    from mlflow import MlflowClient
+
     from study.runner import run_study
 
     start = time.perf_counter()
     summary = run_study(spec, verbose=0)
+    wall = time.perf_counter() - start
     if summary["gmwae"]["failed"]:
         raise RuntimeError(f"{summary['gmwae']['failed']} trials failed in {spec.name}")
-    return time.perf_counter() - start
+    client = MlflowClient(spec.store("mlflow"))
+    experiment = client.get_experiment_by_name(spec.name)
+    runs = [r for r in client.search_runs([experiment.experiment_id])
+            if r.data.tags.get("role") == "trial"]
+    if len(runs) != spec.trials:
+        raise RuntimeError(f"{spec.name}: {len(runs)} trial runs in MLflow, expected {spec.trials}")
+    span = (max(r.info.end_time for r in runs) - min(r.info.start_time for r in runs)) / 1e3
+    return wall, span
 
 
 def main() -> int:
@@ -89,9 +102,9 @@ def main() -> int:
         ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
         ray_init = time.perf_counter() - start
         seq_direct = direct(make_spec(args, tmp, "direct", 2, 1), tmp)
-        seq_platform = platform(make_spec(args, tmp, "seq2cpu", 2, 1))
-        one_at_a_time = platform(make_spec(args, tmp, "seq1cpu", 1, 1))
-        two_at_a_time = platform(make_spec(args, tmp, "par1cpu", 1, 2))
+        seq_platform, _ = platform(make_spec(args, tmp, "seq2cpu", 2, 1))
+        one_at_a_time, one_span = platform(make_spec(args, tmp, "seq1cpu", 1, 1))
+        two_at_a_time, two_span = platform(make_spec(args, tmp, "par1cpu", 1, 2))
         ray.shutdown()
     result = {
         "trials": args.trials, "steps_per_trial": args.steps, "smoke": args.smoke,
@@ -100,7 +113,10 @@ def main() -> int:
                        "ratio": seq_platform / seq_direct, "target_max": 1.10},
         "concurrency": {"one_at_a_time_seconds": one_at_a_time,
                         "two_at_a_time_seconds": two_at_a_time,
-                        "throughput_ratio": one_at_a_time / two_at_a_time, "target_min": 1.8},
+                        "throughput_ratio": one_at_a_time / two_at_a_time, "target_min": 1.8,
+                        "one_at_a_time_trial_span_seconds": one_span,
+                        "two_at_a_time_trial_span_seconds": two_span,
+                        "trial_span_throughput_ratio": one_span / two_span},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
@@ -113,6 +129,9 @@ def main() -> int:
     print(f"{'platform, 1 CPU per trial, 1 at a time':<44}{c['one_at_a_time_seconds']:>10.1f}")
     print(f"{'platform, 1 CPU per trial, 2 at a time':<44}{c['two_at_a_time_seconds']:>10.1f}"
           f"{c['throughput_ratio']:>8.2f}{'>= 1.8':>9}")
+    span = f"{c['one_at_a_time_trial_span_seconds']:.1f} / {c['two_at_a_time_trial_span_seconds']:.1f}"
+    print(f"{'  trials only (first start to last end), 1 / 2':<47}{span:>15}"
+          f"{c['trial_span_throughput_ratio']:>8.2f}{'>= 1.8':>9}")
     print(f"wrote {args.out}")
     return 0
 

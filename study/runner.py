@@ -278,7 +278,10 @@ def run_study(spec: StudySpec, address: Optional[str] = None, verbose: int = 1,
             trainable_with_resources,
             tune_config=tune.TuneConfig(metric=VAL_ACC, mode="max", search_alg=searcher,
                                         scheduler=scheduler, num_samples=plan.samples,
-                                        max_concurrent_trials=spec.max_concurrent),
+                                        max_concurrent_trials=spec.max_concurrent,
+                                        # a worker runs the family's next trial: no new
+                                        # process, torch import or data load per trial
+                                        reuse_actors=True),
             run_config=tune.RunConfig(
                 name=f"{spec.name}-{family}", storage_path=ray_storage, verbose=verbose,
                 callbacks=[TrialLedger(storage, plan.study_name, VAL_ACC),

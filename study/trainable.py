@@ -3,9 +3,14 @@
 config (the searched values) -> RunConfig -> Trainer; each iteration trains one epoch
 (or `steps_per_iteration` steps), evaluates on the validation split and reports the
 metrics with a checkpoint. The last iteration's checkpoint also holds the figures.
+
+Tune reuses a trial's worker process for the next trial of the same family
+(`reuse_actors`), so torch is imported once per worker and the data set is loaded once
+per worker and data config (`cached_splits`): that is most of a trial's fixed cost.
 """
 from __future__ import annotations
 
+import functools
 import json
 import tempfile
 from dataclasses import dataclass
@@ -14,12 +19,13 @@ from typing import Any, Optional
 
 from ray import tune
 
-from gmwae_core import Trainer, load_checkpoint, load_splits, save_checkpoint
+from gmwae_core import (DataConfig, Splits, Trainer, load_checkpoint, load_splits,
+                        save_checkpoint)
 from gmwae_core.figures import write_figures
 
 from .search import RESUME_FROM, private_keys_removed
 
-__all__ = ["TrialSetup", "train_trial"]
+__all__ = ["TrialSetup", "cached_splits", "train_trial"]
 
 
 @dataclass(frozen=True)
@@ -32,12 +38,18 @@ class TrialSetup:
     """Also evaluate the test split at the last iteration (confirm runs; never in a search)."""
 
 
+@functools.lru_cache(maxsize=1)
+def cached_splits(data: DataConfig) -> Splits:
+    """load_splits, kept for the worker's next trial (Trainer never writes to the splits)."""
+    return load_splits(data)
+
+
 def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     import torch
 
     torch.set_num_threads(max(1, int(setup.spec.resources.cpu)))
     cfg = setup.spec.run_config(setup.family, private_keys_removed(config))
-    trainer = Trainer(cfg, load_splits(cfg.data))
+    trainer = Trainer(cfg, cached_splits(cfg.data))
     checkpoint: Optional[tune.Checkpoint] = tune.get_checkpoint()
     if checkpoint is None and config.get(RESUME_FROM):  # cut off by a killed driver
         checkpoint = tune.Checkpoint(config[RESUME_FROM])

@@ -48,7 +48,10 @@ def test_overhead_smoke_times_the_platform_against_direct_calls(tmp_path):
     assert seq["direct_seconds"] > 0 and seq["platform_seconds"] > 0
     assert seq["ratio"] == seq["platform_seconds"] / seq["direct_seconds"]
     assert conc["throughput_ratio"] == conc["one_at_a_time_seconds"] / conc["two_at_a_time_seconds"]
-    assert "2 at a time" in out
+    # the trials' span (MLflow child runs' start/end) is inside the study's wall time
+    assert 0 < conc["one_at_a_time_trial_span_seconds"] < conc["one_at_a_time_seconds"]
+    assert 0 < conc["two_at_a_time_trial_span_seconds"] < conc["two_at_a_time_seconds"]
+    assert "2 at a time" in out and "trials only" in out
 
 
 def test_dashboard_smoke_times_a_report_from_real_stores(tmp_path):

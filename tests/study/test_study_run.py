@@ -1,4 +1,5 @@
 """Studies end to end on real components: local Ray, Optuna sqlite, MLflow sqlite."""
+import json
 import subprocess
 import sys
 import time
@@ -106,6 +107,14 @@ def test_cli_runs_the_smoke_study_into_real_stores(tmp_path):
         assert all(t.state.name == "COMPLETE" and 0 <= t.value <= 1 for t in trials)
         assert trials[0].params["K"] == 10 and trials[0].params["latent_dim"] == 10
         assert ("lambda_mmd" in trials[0].params) == (family == "gmwae")
+
+    # Tune reuses a family's worker processes (reuse_actors): 3 trials, at most 2 at a
+    # time, ran in at most 2 processes (Tune's own result.json records each trial's pid).
+    for family in ("gmwae", "gmvae"):
+        results = list((tmp_path / "ray" / f"smoke-{family}").glob("*/result.json"))
+        assert len(results) == spec.trials
+        pids = {json.loads(r.read_text().splitlines()[0])["pid"] for r in results}
+        assert len(pids) <= spec.max_concurrent < spec.trials, pids
 
     runs, client = runs_of(tmp_path, "smoke")
     parent = runs[runs["tags.role"] == "study"]
