@@ -7,7 +7,11 @@ For each preset: steps/s and images/s of the real training step (Trainer.train_s
 MNIST-shaped data), the step's GFLOP/s counted from the layers' shapes (forward MACs x 2
 FLOPs, x 3 for forward + backward), and that as a fraction of a float32 matmul peak
 measured in the same run on the same threads. Then a torch.profiler breakdown of a step
-into its regions (encoders, decoder, mmd, backward, optimizer).
+into its regions (encoders, decoder, mmd, backward, optimizer), and each decoder
+convolution's forward + backward alone at the step's shapes, in GFLOP/s (`--layers`).
+
+Variants: a preset name, `PRESET+compile` (torch.compile the decoder), `PRESET+wN`
+(decoder width N instead of the preset's), e.g. `--presets cpu,cpu+w64`.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from gmwae_core import Trainer, from_preset, load_splits
+from gmwae_core import ConfigError, Trainer, from_preset, load_splits
 
 REGIONS = ("encoders", "decoder", "mmd", "backward", "optimizer")
 
@@ -109,11 +113,45 @@ def component_ms(trainer: Trainer, reps: int) -> dict[str, float]:
     return out
 
 
-def measure(variant: str, steps: int, device: torch.device) -> dict:
-    """`variant` is a preset name, optionally with "+compile" (torch.compile the decoder)."""
+def decoder_layer_rates(trainer: Trainer, reps: int) -> list[dict]:
+    """Each decoder (transposed) convolution's forward + backward alone, at the step's shapes."""
+    m, dev = trainer.cfg.model, trainer.device
+    codes = trainer.cfg.train.batch_size * m.K * m.num_samples
+    rows, side = [], 7
+    for layer in trainer.model.decoder.deconv:
+        if not isinstance(layer, nn.ConvTranspose2d):
+            continue
+        x = torch.randn(codes, layer.in_channels, side, side, device=dev).contiguous(
+            memory_format=torch.channels_last).requires_grad_()
+        out = layer(x)
+        grad = torch.randn_like(out)
+        inputs = [x, *layer.parameters()]
+        ms = 1e3 * _time(lambda: torch.autograd.grad(layer(x), inputs, grad), reps, dev)
+        macs = x.numel() * layer.out_channels * layer.kernel_size[0] * layer.kernel_size[1]
+        rows.append({"layer": f"{layer.in_channels}->{layer.out_channels} ch, {side}->{out.shape[-1]} px",
+                     "fwd_bwd_ms": ms, "gflops": 3 * 2 * macs / ms / 1e6})
+        side = out.shape[-1]
+    return rows
+
+
+def variant_config(variant: str, device: torch.device):
+    """`variant`: a preset name, optionally +compile (torch.compile the decoder) or +wN."""
     preset, _, extra = variant.partition("+")
-    cfg = from_preset(preset, {"dataset": "synthetic", "pretrain_steps": 0, "device": device.type,
-                               "family": "gmwae", "compile": extra == "compile"})
+    overrides = {"dataset": "synthetic", "pretrain_steps": 0, "device": device.type,
+                 "family": "gmwae", "compile": extra == "compile"}
+    if extra.startswith("w") and extra[1:].isdigit():
+        overrides["decoder_width"] = int(extra[1:])
+    elif extra not in ("", "compile"):
+        raise SystemExit(f"--presets: unknown variant {variant!r}; use PRESET, PRESET+compile "
+                         f"or PRESET+wN (e.g. cpu+w64)")
+    try:
+        return from_preset(preset, overrides)
+    except ConfigError as e:
+        raise SystemExit(f"--presets {variant!r}: {e}") from None
+
+
+def measure(variant: str, steps: int, device: torch.device) -> dict:
+    cfg = variant_config(variant, device)
     trainer = Trainer(cfg, load_splits(cfg.data))
     trainer.train_steps(2 if steps >= 5 else 1)  # warm-up: allocator, oneDNN/cuDNN plans, compile
     if device.type == "cuda":
@@ -129,6 +167,7 @@ def measure(variant: str, steps: int, device: torch.device) -> dict:
         trainer.train_steps(min(steps, 5))
     regions = {e.key: e.cpu_time_total / 1e3 for e in prof.key_averages() if e.key in REGIONS}
     parts = component_ms(trainer, min(steps, 5))
+    layers = decoder_layer_rates(trainer, min(steps, 5))
     total = sum(regions.values())
     m = cfg.model
     return {
@@ -139,6 +178,7 @@ def measure(variant: str, steps: int, device: torch.device) -> dict:
         "gflops": flops / step_s / 1e9,
         "profile_share": {k: regions.get(k, 0.0) / total for k in REGIONS},
         "component_ms": parts,
+        "decoder_layers": layers,
         "top_ops": [(e.key, e.self_cpu_time_total / 1e3) for e in sorted(
             prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:8]],
     }
@@ -157,6 +197,8 @@ def main() -> int:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
     presets = ["cpu"] if args.smoke else args.presets.split(",")
+    for variant in presets:  # every variant checked before anything is measured
+        variant_config(variant, device)
     peak = matmul_peak_gflops(device, 0.5 if args.smoke else 3.0)
     rows = []
     for preset in presets:
@@ -178,6 +220,11 @@ def main() -> int:
         print(f"{r['preset']:<13}{r['decoder_width']:>6}{r['num_samples']:>3}{r['batch_size']:>6}"
               f"{r['step_ms']:>9.1f}{r['images_per_s']:>8.0f}{r['gflop_per_step']:>11.2f}"
               f"{r['gflops']:>9.1f}{r['fraction_of_matmul_peak']:>8.0%}   {share}")
+    print("decoder convolutions alone (forward + backward at the step's shapes):")
+    for r in rows:
+        print(f"  {r['preset']:<13}" + " | ".join(
+            f"{x['layer']}: {x['fwd_bwd_ms']:.1f} ms {x['gflops']:.0f} GFLOP/s ({x['gflops'] / peak:.0%})"
+            for x in r["decoder_layers"]))
     print(f"wrote {args.out}")
     return 0
 

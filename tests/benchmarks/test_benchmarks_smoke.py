@@ -38,7 +38,19 @@ def test_throughput_smoke_reports_flops_against_a_measured_peak(tmp_path):
     assert abs(sum(row["profile_share"].values()) - 1.0) < 1e-6
     assert row["profile_share"]["decoder"] > 0 and row["profile_share"]["mmd"] > 0
     assert set(row["component_ms"]) == {"encoders", "decoder", "mmd", "optimizer"}
-    assert "of peak" in out
+    # the cpu preset's three decoder convolutions: 32 -> 16 -> 8 -> 1 channels
+    assert [x["layer"].split(",")[0] for x in row["decoder_layers"]] == [
+        "32->16 ch", "16->8 ch", "8->1 ch"]
+    assert all(x["gflops"] > 0 for x in row["decoder_layers"])
+    assert "of peak" in out and "decoder convolutions alone" in out
+
+
+def test_throughput_rejects_an_unknown_variant(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/throughput.py"), "--presets",
+                           "cpu+fast", "--out", tmp_path / "t.json"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode != 0 and "unknown variant 'cpu+fast'" in proc.stderr
+    assert not (tmp_path / "t.json").exists()
 
 
 def test_overhead_smoke_times_the_platform_against_direct_calls(tmp_path):
