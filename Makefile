@@ -1,5 +1,5 @@
 # gmwae-studies: set-up, demo, tests and benchmarks.
-#   make study       set up .venv, then run studies/quickstart.yaml (MNIST, both families, ~15 min)
+#   make study       set up .venv, then run studies/quickstart.yaml (MNIST, both families, 12-17 min on 2 cores)
 #   make demo        set up .venv, then train a GM-WAE on scikit-learn's digits (offline, ~75 s)
 #   make test        set up .venv and the system packages (apt: chromium, postgresql), run the tests
 #   make quality     benchmarks/quality.py on MNIST (2 x 20 min on 2 cores)
