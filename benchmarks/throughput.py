@@ -135,15 +135,19 @@ def decoder_layer_rates(trainer: Trainer, reps: int) -> list[dict]:
 
 
 def variant_config(variant: str, device: torch.device):
-    """`variant`: a preset name, optionally +compile (torch.compile the decoder) or +wN."""
-    preset, _, extra = variant.partition("+")
+    """`variant`: a preset name, then any of +compile (torch.compile the decoder) and +wN
+    (decoder width N), e.g. cpu+w64+compile."""
+    preset, *extras = variant.split("+")
     overrides = {"dataset": "synthetic", "pretrain_steps": 0, "device": device.type,
-                 "family": "gmwae", "compile": extra == "compile"}
-    if extra.startswith("w") and extra[1:].isdigit():
-        overrides["decoder_width"] = int(extra[1:])
-    elif extra not in ("", "compile"):
-        raise SystemExit(f"--presets: unknown variant {variant!r}; use PRESET, PRESET+compile "
-                         f"or PRESET+wN (e.g. cpu+w64)")
+                 "family": "gmwae", "compile": False}
+    for extra in extras:
+        if extra == "compile":
+            overrides["compile"] = True
+        elif extra.startswith("w") and extra[1:].isdigit():
+            overrides["decoder_width"] = int(extra[1:])
+        else:
+            raise SystemExit(f"--presets: unknown variant {variant!r} (part {extra!r}); use "
+                             f"PRESET with any of +compile and +wN (e.g. cpu+w64+compile)")
     try:
         return from_preset(preset, overrides)
     except ConfigError as e:

@@ -53,6 +53,23 @@ def test_throughput_rejects_an_unknown_variant(tmp_path):
     assert not (tmp_path / "t.json").exists()
 
 
+def test_throughput_variants_combine_width_and_compile():
+    import importlib.util
+
+    import pytest
+    import torch
+
+    spec = importlib.util.spec_from_file_location("throughput", ROOT / "benchmarks/throughput.py")
+    throughput = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(throughput)
+    cfg = throughput.variant_config("cpu+w64+compile", torch.device("cpu"))
+    assert cfg.model.decoder_width == 64 and cfg.train.compile
+    cfg = throughput.variant_config("cpu+w16", torch.device("cpu"))
+    assert cfg.model.decoder_width == 16 and not cfg.train.compile
+    with pytest.raises(SystemExit, match="part 'w6x'"):
+        throughput.variant_config("cpu+compile+w6x", torch.device("cpu"))
+
+
 def test_overhead_smoke_times_the_platform_against_direct_calls(tmp_path):
     out = run("overhead.py", "--smoke", "--out", tmp_path / "o.json")
     result = json.loads((tmp_path / "o.json").read_text())
