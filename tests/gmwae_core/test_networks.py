@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from gmwae_core.networks import Decoder, ToOneChannel
+from gmwae_core.networks import Decoder, ToOneChannel, _ToOneChannelFn
 
 
 @pytest.mark.parametrize("channels", [3, 8])
@@ -31,7 +31,6 @@ def test_one_channel_layer_passes_gradcheck():
     x = torch.randn(2, 2, 5, 5, dtype=torch.double, requires_grad=True)
     w = layer.weight.detach().clone().requires_grad_()
     b = layer.bias.detach().clone().requires_grad_()
-    from gmwae_core.networks import _ToOneChannelFn
     assert torch.autograd.gradcheck(lambda x, w, b: _ToOneChannelFn.apply(x, w, b, 1), (x, w, b))
 
 
