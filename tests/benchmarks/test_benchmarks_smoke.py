@@ -26,6 +26,28 @@ def test_quality_smoke_compares_both_families_with_kmeans(tmp_path):
     assert set(result["targets"]) == {"gmwae_beats_kmeans", "gmwae_all_modes_active",
                                       "gmvae_collapsed_le_3"}
     assert "kmeans" in out and "targets" in out
+    assert all(isinstance(v, bool) for v in result["targets"].values())
+
+
+def test_quality_rejects_an_unknown_family_or_setting_before_training(tmp_path):
+    for args, message in ((["--families", "gmwae,vae"], "--families 'gmwae,vae'"),
+                          (["--set", "decoder_width=0"], "model.decoder_width")):
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/quality.py"), "--smoke",
+                               *args, "--out", str(tmp_path / "q.json"), "--runs",
+                               str(tmp_path / "runs")],
+                              capture_output=True, text=True, timeout=600, cwd=ROOT)
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "q.json").exists() and not (tmp_path / "runs").exists()
+
+
+def test_quality_leaves_the_targets_of_a_family_not_run_open(tmp_path):
+    run("quality.py", "--smoke", "--families", "gmwae", "--out", tmp_path / "q.json",
+        "--runs", tmp_path / "runs")
+    result = json.loads((tmp_path / "q.json").read_text())
+    assert set(result["families"]) == {"gmwae"}
+    assert result["targets"]["gmvae_collapsed_le_3"] is None
+    assert isinstance(result["targets"]["gmwae_beats_kmeans"], bool)
 
 
 def test_throughput_smoke_reports_flops_against_a_measured_peak(tmp_path):
