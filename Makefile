@@ -1,6 +1,6 @@
 # gmwae-studies: set-up, demo, tests and benchmarks.
 #   make study       set up .venv, then run studies/quickstart.yaml (MNIST, both families, 12-17 min on 2 cores)
-#   make demo        set up .venv, then train a GM-WAE on scikit-learn's digits (offline, ~75 s)
+#   make demo        set up .venv, then train a GM-WAE on scikit-learn's digits (offline, ~2 min)
 #   make test        set up .venv and the system packages (apt: chromium, postgresql), run the tests
 #   make quality     benchmarks/quality.py on MNIST (2 x 20 min on 2 cores)
 #   make throughput  benchmarks/throughput.py

@@ -60,9 +60,9 @@ def test_throughput_smoke_reports_flops_against_a_measured_peak(tmp_path):
     assert abs(sum(row["profile_share"].values()) - 1.0) < 1e-6
     assert row["profile_share"]["decoder"] > 0 and row["profile_share"]["mmd"] > 0
     assert set(row["component_ms"]) == {"encoders", "decoder", "mmd", "optimizer"}
-    # the cpu preset's three decoder convolutions: 32 -> 16 -> 8 -> 1 channels
+    # the cpu preset's three decoder convolutions: 64 -> 32 -> 16 -> 1 channels
     assert [x["layer"].split(",")[0] for x in row["decoder_layers"]] == [
-        "32->16 ch", "16->8 ch", "8->1 ch"]
+        "64->32 ch", "32->16 ch", "16->1 ch"]
     assert all(x["gflops"] > 0 for x in row["decoder_layers"])
     assert "of peak" in out and "decoder convolutions alone" in out
 
