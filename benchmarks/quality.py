@@ -70,26 +70,25 @@ def main() -> int:
         base = {"dataset": "synthetic", "minutes": 0.05, "epochs": 1_000_000,
                 "decoder_width": 8, "pretrain_steps": 5}
     families = args.families.split(",")
-    if not families or any(f not in FAMILIES for f in families):
+    if any(f not in FAMILIES for f in families):
         raise SystemExit(f"--families {args.families!r}: use a comma-separated list of "
                          f"{' and '.join(FAMILIES)}, e.g. --families gmwae,gmvae")
     try:
         base.update(parse_overrides(args.overrides))
-        from_preset("cpu", base)  # bad --set keys or values stop here, before any training
+        cfg = from_preset("cpu", base)  # bad --set keys or values stop here, before training
     except ConfigError as e:
         raise SystemExit(f"--set: {e}") from None
     results: dict = {"budget_minutes_per_family": base["minutes"], "preset": "cpu",
                      "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
                      "cpus": os.cpu_count(), "families": {}}
     for family in families:
-        cfg = from_preset("cpu", base, family=family)
-        print(f"== {family}: {base['minutes']} min on {cfg.data.dataset} ...", file=sys.stderr)
-        m = train_run(cfg, Path(args.runs) / family)
+        run_cfg = from_preset("cpu", base, family=family)
+        print(f"== {family}: {base['minutes']} min on {run_cfg.data.dataset} ...", file=sys.stderr)
+        m = train_run(run_cfg, Path(args.runs) / family)
         results["families"][family] = {
             **{f"test/{k}": m[f"test/{k}"] for k in KEYS},
             "epochs": m["run/epochs"], "steps": m["run/steps"],
-            "train_seconds": m["run/train_seconds"], "config": cfg.to_dict()}
-    cfg = from_preset("cpu", base)
+            "train_seconds": m["run/train_seconds"], "config": run_cfg.to_dict()}
     results["kmeans"] = kmeans_anchor(cfg.data, cfg.model.K, cfg.train.seed)
 
     results["targets"] = targets(results, cfg.model.K)

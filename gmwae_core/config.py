@@ -288,7 +288,8 @@ def parse_overrides(pairs: list[str]) -> dict[str, str]:
 # objective and the networks' shapes but sizes them for 2 CPU cores (README, "Choosing the
 # cpu preset: what mattered"): decoder width 64, S = 1, batch 64, and a 4-dimensional z.
 # Width 64 is the narrowest width measured whose training step reaches half of the CPU's
-# matmul peak (54%; width 32, whose deconvolutions have 16 and 8 output channels: 26%).
+# matmul peak (54-64%; width 32, whose deconvolutions have 16 and 8 output channels:
+# 26-33%).
 # A small z makes the K modes follow the digit classes: with d = 10 the continuous z
 # carried the class and the modes split the digits along other factors (20 minutes: test
 # accuracy 0.49 at width 32); width 32 with d = 5 reached 0.65, width 64 with d = 5 0.53

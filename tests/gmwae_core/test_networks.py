@@ -46,7 +46,6 @@ def test_decoder_state_dict_keys_are_those_of_a_plain_transposed_convolution():
     assert dec(torch.randn(3, 4)).shape == (3, 1, 28, 28)
 
 
-
 def test_compiled_decoder_matches_the_eager_one_forward_and_backward():
     # `--set compile=true` compiles the decoder, the one-channel layer's Function included.
     torch.manual_seed(0)
