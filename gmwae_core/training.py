@@ -11,10 +11,11 @@ the step (evaluation, history) happens at its own interval.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -56,6 +57,21 @@ class EvalResult:
     q_k: np.ndarray  # (N, K) q(k|x)
     labels: np.ndarray  # (N,)
     label_by_k: np.ndarray  # (n_labels, K) E[q(k|x) | label]
+
+
+_DEVICE_CODES = {"cpu": 0, "cuda": 1, "mps": 2, "xpu": 3}
+"""Device types a generator state is tagged with in a checkpoint (weights_only loads tensors only)."""
+
+
+def _to_cpu(state: Any) -> Any:
+    """A (nested) state dict with every tensor copied to the CPU."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().cpu()
+    if isinstance(state, dict):
+        return {k: _to_cpu(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_to_cpu(v) for v in state)
+    return state
 
 
 class Trainer:
@@ -281,14 +297,22 @@ class Trainer:
     # ------------------------------------------------------------------- state
 
     def state_dict(self) -> dict:
-        """Everything needed to continue this run exactly: weights, optimiser, counters, RNG."""
+        """Everything needed to continue this run exactly: weights, optimiser, counters, RNG.
+
+        Device-free: every tensor is on the CPU, so a state saved on a GPU node loads on a
+        CPU-only machine (`torch.load(weights_only=True)` without map_location) and the
+        reverse. The generator's state is tagged with its device type (a CUDA Philox state
+        and a CPU Mersenne-Twister state are not interchangeable; see load_state_dict).
+        """
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": _to_cpu(self.model.state_dict()),
+            "optimizer": _to_cpu(self.optimizer.state_dict()),
             "counters": torch.tensor([self.step, self.epoch, int(self.pretrained), self._pos]),
             "train_seconds": torch.tensor(self.train_seconds, dtype=torch.float64),
-            "generator": self.generator.get_state(),
-            "perm": self._perm if self._perm is not None else torch.empty(0, dtype=torch.long),
+            "generator": self.generator.get_state().cpu(),
+            "generator_device": torch.tensor(_DEVICE_CODES.get(self.device.type, -1)),
+            "perm": (self._perm.cpu() if self._perm is not None
+                     else torch.empty(0, dtype=torch.long)),
             "history": torch.tensor([[r.get(k, float("nan")) for k in self._history_keys()]
                                      for r in self.history], dtype=torch.float64),
         }
@@ -298,13 +322,27 @@ class Trainer:
             "loss", "recon", "kl_continuous", "kl_discrete"]
         return ["step", *terms, "assignment_entropy", "active_components"]
 
+    def _restore_generator(self, saved: torch.Tensor, device_code: Optional[torch.Tensor]) -> None:
+        """The saved random stream when it comes from the same device type; otherwise (a
+        GPU trial resumed on a CPU node, or the reverse) a new stream seeded from the saved
+        state, so that a resumed run stays deterministic for a given checkpoint."""
+        saved_type = None if device_code is None else int(device_code)
+        if saved_type is None or saved_type == _DEVICE_CODES.get(self.device.type, -1):
+            try:
+                self.generator.set_state(saved.cpu())
+                return
+            except RuntimeError:  # an old checkpoint (no device tag) from another device type
+                pass
+        digest = hashlib.sha256(saved.cpu().numpy().tobytes()).digest()
+        self.generator.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.epoch, pretrained, self._pos = (int(v) for v in state["counters"])
         self.pretrained = bool(pretrained)
         self.train_seconds = float(state["train_seconds"])
-        self.generator.set_state(state["generator"].cpu())
+        self._restore_generator(state["generator"], state.get("generator_device"))
         perm = state["perm"]
         self._perm = perm.to(self.device) if perm.numel() else None
         keys = self._history_keys()

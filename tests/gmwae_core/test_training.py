@@ -1,3 +1,4 @@
+import copy
 import json
 import math
 
@@ -46,6 +47,30 @@ def test_state_round_trip_continues_the_run_exactly(tmp_path):
     for (name, pa), pb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
         assert torch.equal(pa, pb), name
     assert b.step == a.step == 7 and [r["step"] for r in b.history] == [r["step"] for r in a.history]
+
+
+def test_a_state_saved_on_another_device_type_loads_and_continues_deterministically():
+    """A GPU trial's state (CUDA Philox generator: 16 bytes, tagged cuda) resumed on a CPU
+    node: the weights and counters load, and the new CPU stream is seeded from the saved
+    state, the same way each time."""
+    a = small_trainer()
+    a.train_steps(2)
+    state = a.state_dict()
+    assert all(v.device.type == "cpu" for v in state["model"].values())
+    assert int(state["generator_device"]) == 0
+    cuda_like = {**state, "generator": torch.arange(16, dtype=torch.uint8),
+                 "generator_device": torch.tensor(1)}
+    b, c = small_trainer(), small_trainer()
+    b.load_state_dict(copy.deepcopy(cuda_like))  # as if each read the file: no shared tensors
+    c.load_state_dict(copy.deepcopy(cuda_like))
+    assert b.step == 2
+    b.train_steps(2)
+    c.train_steps(2)
+    for pb, pc in zip(b.model.state_dict().values(), c.model.state_dict().values()):
+        assert torch.equal(pb, pc)
+    d = small_trainer()  # a different saved stream gives a different continuation
+    d.load_state_dict({**copy.deepcopy(cuda_like), "generator": torch.arange(1, 17, dtype=torch.uint8)})
+    assert not torch.equal(d.generator.get_state(), b.generator.get_state())
 
 
 def test_weights_load_with_weights_only(tmp_path):
