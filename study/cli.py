@@ -73,7 +73,8 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
     run.add_argument("spec", help="a study spec, e.g. studies/quickstart.yaml")
     run.add_argument("--trials", type=int, default=None, help="trials per family (overrides the spec)")
     run.add_argument("--address", default=None,
-                     help="Ray cluster address (default: start Ray on this machine)")
+                     help="Ray cluster address, HOST:PORT or auto (default: the job's cluster "
+                          "under `ray job submit`, else a new Ray on this machine)")
     run.add_argument("--smoke", action="store_true",
                      help="2 trials per family, 1 iteration of 20 steps, synthetic data")
     run.add_argument("--quiet", action="store_true", help="no Tune progress table")
@@ -81,6 +82,9 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
                                                   "starts a new study with its own stores)")
     run.add_argument("--resume", action="store_true",
                      help="continue the study of this name if its stores hold trials")
+    run.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                     help="change a spec value without editing the file, e.g. --set "
+                          "storage.ray=s3://bucket/ray --set resources.gpu=0.25 (repeatable)")
     resume = study_sub.add_parser("resume", help="continue a study after its driver stopped "
                                                  "(kill -9 included) until each family has its trials")
     resume.add_argument("study", help="a study name (studies/NAME.yaml, else the default stores "
@@ -89,6 +93,8 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
                         help="trials per family (default: as recorded when the study started)")
     resume.add_argument("--address", default=None, help="Ray cluster address")
     resume.add_argument("--quiet", action="store_true", help="no Tune progress table")
+    resume.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="change a resumable spec value (stores, resources, trials, ...)")
     export = study_sub.add_parser("export", help="the top trials' best checkpoints -> a folder "
                                                  "and the MLflow Model Registry (no training)")
     export.add_argument("study", help="a study name or the spec file it ran with")
@@ -269,7 +275,7 @@ def _study(args: argparse.Namespace) -> int:
               f"`gmwae evaluate {rows[0]['folder']} --check`")
         return 0
     from .runner import load_recorded_spec, mask_url, run_study, spec_for_resume
-    from .spec import load_spec
+    from .spec import apply_sets, load_spec, spec_from_dict
     from .status import find_spec
 
     overrides: dict = {}
@@ -278,7 +284,10 @@ def _study(args: argparse.Namespace) -> int:
     resume = args.study_command == "resume" or args.resume
     if args.study_command == "resume":
         spec = find_spec(args.study)
-        is_file = Path(args.study).suffix in (".yaml", ".yml") or Path(args.study).is_file()
+        if args.sets:
+            spec = spec_from_dict(apply_sets(spec.to_dict(), args.sets), f"{args.study} with --set")
+        is_file = (Path(args.study).suffix in (".yaml", ".yml") or Path(args.study).is_file()
+                   or bool(args.sets))
         recorded = load_recorded_spec(spec)
         spec = spec_for_resume(spec, recorded, overrides, compare=is_file)
     else:
@@ -289,7 +298,7 @@ def _study(args: argparse.Namespace) -> int:
                 overrides["trials"] = args.trials
         if args.name:
             overrides["name"] = args.name
-        spec = load_spec(args.spec, overrides)
+        spec = load_spec(args.spec, overrides, args.sets)
         if resume:
             recorded = load_recorded_spec(spec)
             if recorded is not None:

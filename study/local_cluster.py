@@ -3,6 +3,7 @@ Ray workers, each its own processes, all in one folder and all torn down togethe
 
     python -m study.local_cluster up --dir runs/local-cluster      # prints the stores, env
     python -m study.local_cluster down --dir runs/local-cluster
+    python -m study.local_cluster up --autoscaling --dir runs/autoscaling   # 0..2 GPU workers
 
 It is the cluster form of every store (a `postgresql://` Optuna storage, an `http://`
 MLflow tracking server with proxied artifacts, a Ray cluster of `ray start` nodes and a
@@ -114,15 +115,61 @@ class ClusterState:
     workers: int = 0
     temp_dirs: list = field(default_factory=list)
     pg_dir: str = ""
+    autoscaling: dict = field(default_factory=dict)
+    """Set for an autoscaling cluster: the worker type's resources, max_workers, idle
+    timeout (Ray's fake multi-node provider launches and removes the workers)."""
+
+
+def autoscaling_config(gcs_address: str, max_workers: int, cpus: float, gpus: float,
+                       idle_timeout_minutes: float) -> dict:
+    """Ray's fake multi-node provider in ray_cluster.yaml's shape: a head with 0 CPUs and one
+    worker type {CPU, GPU} from 0 to `max_workers` nodes, launched on this machine (with
+    fake GPUs) as demand comes and removed when idle. Every key the launcher expects is
+    present, as `ray up` would fill it in."""
+    return {
+        "cluster_name": "gmwae-local-autoscaling",
+        "max_workers": max_workers,
+        "upscaling_speed": 1.0,
+        "idle_timeout_minutes": idle_timeout_minutes,
+        # Ray's own fake-cluster settings: the fake nodes are started by the provider itself,
+        # so there is nothing for a node updater (SSH set-up) to do; with updaters on, the
+        # autoscaler sees each new node's set-up "fail" and terminates it.
+        # The autoscaler tells nodes apart by IP; all of them share this machine's, so it
+        # keys them by node id (the head's is the provider's fixed FAKE_HEAD_NODE_ID).
+        "provider": {"type": "fake_multinode", "gcs_address": gcs_address,
+                     "disable_node_updaters": True, "disable_launch_config_check": True,
+                     "use_node_id_as_ip": True},
+        "auth": {"ssh_user": "ubuntu"},
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 0, "GPU": 0}, "node_config": {},
+                                 "max_workers": 0},
+            "gpu_worker": {"resources": {"CPU": cpus, "GPU": gpus}, "node_config": {},
+                           "min_workers": 0, "max_workers": max_workers},
+        },
+        "head_node_type": "ray.head.default",
+        "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
+        "rsync_exclude": [], "rsync_filter": [], "initialization_commands": [],
+        "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [],
+        "head_start_ray_commands": [], "worker_start_ray_commands": [],
+    }
 
 
 class LocalCluster:
-    """PostgreSQL + MLflow server + Ray head (0 CPUs) + `workers` Ray workers on this machine."""
+    """PostgreSQL + MLflow server + Ray head (0 CPUs) + Ray workers on this machine: either
+    `workers` workers started at once and kept, or (`autoscaling=True`) none at first and
+    up to `workers` GPU workers that Ray's autoscaler launches on demand and removes when
+    idle, as on a `ray up` cluster."""
 
-    def __init__(self, root: str | Path, workers: int = 2, cpus_per_worker: int = 1):
+    def __init__(self, root: str | Path, workers: int = 2, cpus_per_worker: float = 1,
+                 autoscaling: bool = False, gpus_per_worker: float = 1,
+                 idle_timeout_minutes: float = 0.5):
         self.root = Path(root).resolve()
         self.cpus_per_worker = cpus_per_worker
         self.state = ClusterState(str(self.root), workers=workers)
+        if autoscaling:
+            self.state.autoscaling = {"max_workers": workers, "cpus": cpus_per_worker,
+                                      "gpus": gpus_per_worker,
+                                      "idle_timeout_minutes": idle_timeout_minutes}
         self._as_postgres = os.geteuid() == 0  # initdb refuses to run as root
 
     # ------------------------------------------------------------------ addresses
@@ -256,26 +303,51 @@ class LocalCluster:
         self.state.temp_dirs.append(folder)
         return folder
 
-    def _start_node(self, key: str, args: list[str]) -> subprocess.Popen:
+    def _start_node(self, key: str, args: list[str],
+                    extra_env: Optional[dict] = None) -> subprocess.Popen:
         log = open(self.root / "logs" / f"{key}.log", "a")
-        env = {**self.env(), "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+        env = {**self.env(), "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+               **(extra_env or {})}
         args = [*args, f"--temp-dir={self._temp_dir(key)}"]
         proc = subprocess.Popen(self._ray_cmd(*args), stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True, env=env, cwd=self.root)
         self.state.pids[key] = proc.pid
         return proc
 
+    @property
+    def autoscaler_config_path(self) -> Path:
+        return self.root / "autoscaler.yaml"
+
     def _start_ray(self) -> None:
+        import yaml
+
         self.state.ray_port = free_port()
         self.state.dashboard_port = free_port()
+        extra, env = [], {}
+        if self.state.autoscaling:
+            a = self.state.autoscaling
+            self.autoscaler_config_path.write_text(yaml.safe_dump(autoscaling_config(
+                f"127.0.0.1:{self.state.ray_port}", a["max_workers"], a["cpus"], a["gpus"],
+                a["idle_timeout_minutes"]), sort_keys=False))
+            extra = [f"--autoscaling-config={self.autoscaler_config_path}"]
+            # the fake provider refuses to run without it; the autoscaler looks every second
+            from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID
+
+            env = {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+                   "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID,
+                   "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID}
         head = self._start_node("ray-head", [
             "--head", f"--port={self.state.ray_port}", "--node-ip-address=127.0.0.1",
             "--num-cpus=0", "--num-gpus=0", "--include-dashboard=true",
             "--dashboard-host=127.0.0.1", f"--dashboard-port={self.state.dashboard_port}",
             f"--ray-client-server-port={free_port()}", "--disable-usage-stats",
-            *self._node_ports(0)])
+            *self._node_ports(0), *extra], env)
         _wait(lambda: _http_ok(self.dashboard_url + "/api/version"), "The Ray head", 120,
               self.root / "logs" / "ray-head.log", (head,))
+        if self.state.autoscaling:  # the workers come when a study asks for them
+            _wait(lambda: self.alive_nodes() == 1, "The Ray head's raylet", 120,
+                  self.root / "logs" / "ray-head.log", (head,))
+            return
         for i in range(self.state.workers):  # one at a time: they share this host's session
             worker = self._start_node(f"ray-worker-{i}", [
                 f"--address={self.ray_address}", "--node-ip-address=127.0.0.1",
@@ -285,8 +357,12 @@ class LocalCluster:
                   self.root / "logs" / f"ray-worker-{i}.log", (worker,))
 
     def alive_nodes(self) -> int:
+        return len(self.alive_node_list())
+
+    def alive_node_list(self) -> list[dict]:
+        """The dashboard's summary of each alive node (raylet: nodeId, resourcesTotal, ...)."""
         nodes = json.loads(_get(self.dashboard_url + "/nodes?view=summary")[1])["data"]["summary"]
-        return sum(n.get("raylet", {}).get("state") == "ALIVE" for n in nodes)
+        return [n for n in nodes if n.get("raylet", {}).get("state") == "ALIVE"]
 
     def kill_worker(self, i: int) -> None:
         """SIGKILL every process of worker node i (its raylet, its trial workers)."""
@@ -334,21 +410,28 @@ class LocalCluster:
         cluster.state = ClusterState(**json.loads(path.read_text()))
         return cluster
 
+    def study_sets(self) -> list[str]:
+        """`--set` arguments that point a shipped spec at this cluster's stores."""
+        return [f"storage.optuna={self.optuna_url()}", f"storage.mlflow={self.mlflow_url}",
+                f"storage.ray={self.storage_path}"]
+
     def describe(self) -> str:
+        a = self.state.autoscaling
+        ray_line = (f"head: 0 CPUs; 0..{a['max_workers']} autoscaled workers x {{CPU "
+                    f"{a['cpus']:g}, GPU {a['gpus']:g} (fake)}}, removed after "
+                    f"{a['idle_timeout_minutes']:g} min idle" if a else
+                    f"head: 0 CPUs; {self.state.workers} workers x {self.cpus_per_worker} CPU")
+        sets = " ".join(f"--set '{s}'" for s in self.study_sets())
         return "\n".join([
             f"local cluster in {self.root}",
-            f"  Ray:      {self.ray_address} (head: 0 CPUs; {self.state.workers} workers x "
-            f"{self.cpus_per_worker} CPU); jobs: {self.dashboard_url}",
+            f"  Ray:      {self.ray_address} ({ray_line}); jobs: {self.dashboard_url}",
             f"  Optuna:   {self.optuna_url()}   (password in {self.root / 'pg_password'})",
             f"  MLflow:   {self.mlflow_url}",
             f"  storage:  {self.storage_path}",
-            "A study spec for it:",
-            f"  storage: {{optuna: '{self.optuna_url()}', mlflow: '{self.mlflow_url}', "
-            f"ray: '{self.storage_path}'}}",
-            "Then:",
-            f"  export {PASSWORD_ENV}=$(cat {self.root / 'pg_password'})",
+            "Run a shipped spec on it (the stores set on the command line):",
+            f"  export {PASSWORD_ENV}=$(cat {self.root / 'pg_password'}) RAY_AUTH_MODE=token",
             f"  ray job submit --address {self.dashboard_url} --working-dir . -- "
-            f"gmwae study run SPEC"])
+            f"gmwae study run studies/smoke.yaml {sets}"])
 
 
 def main(argv=None) -> int:
@@ -356,7 +439,13 @@ def main(argv=None) -> int:
     p.add_argument("action", choices=["up", "down"])
     p.add_argument("--dir", default="runs/local-cluster", help="folder for data, logs, state")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--cpus-per-worker", type=int, default=1)
+    p.add_argument("--cpus-per-worker", type=float, default=1)
+    p.add_argument("--autoscaling", action="store_true",
+                   help="no workers at first: Ray's autoscaler launches up to --workers GPU "
+                        "workers (fake GPUs) on demand and removes them when idle")
+    p.add_argument("--gpus-per-worker", type=float, default=1, help="with --autoscaling")
+    p.add_argument("--idle-minutes", type=float, default=0.5,
+                   help="with --autoscaling: idle time before a worker is removed")
     args = p.parse_args(argv)
     try:
         if args.action == "up":
@@ -364,7 +453,8 @@ def main(argv=None) -> int:
                 print(f"error: {args.dir} already holds a cluster; `down` it first or use "
                       f"another --dir", file=sys.stderr)
                 return 2
-            print(LocalCluster(args.dir, args.workers, args.cpus_per_worker).start().describe())
+            print(LocalCluster(args.dir, args.workers, args.cpus_per_worker, args.autoscaling,
+                               args.gpus_per_worker, args.idle_minutes).start().describe())
         else:
             cluster = LocalCluster.load(args.dir)
             cluster.stop()

@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from .cluster import ClusterError
 from .spec import SpecError, StudySpec
 from .tracking import VAL_ACC, VAL_ACTIVE, StudyTracker, TrialLogger
 
@@ -107,30 +108,60 @@ def _open_tracker(spec: StudySpec) -> StudyTracker:
             os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = saved
 
 
-def _check_resources(spec: StudySpec) -> None:
+def trial_bundle(spec: StudySpec) -> dict[str, float]:
+    """One trial's Ray resources."""
+    return {"CPU": spec.resources.cpu, "GPU": spec.resources.gpu}
+
+
+def _probe_ray_address(target: str, timeout: float = 5.0) -> None:
+    """Fail fast on a HOST:PORT nobody listens on (ray.init would retry for minutes)."""
+    import socket
+
+    match = re.fullmatch(r"(?:ray://)?\[?([\w.\-:]+?)\]?:(\d+)", target)
+    if not match:
+        return  # "local", "auto": Ray resolves these itself
+    try:
+        socket.create_connection((match.group(1), int(match.group(2))), timeout=timeout).close()
+    except OSError as e:
+        raise ClusterError(f"Cannot reach the Ray cluster at {target!r} ({e.strerror or e}). "
+                           f"Check --address: the head's GCS address (HOST:6379 on a `ray up` "
+                           f"cluster, as `ray status` prints it), or leave it out to start Ray "
+                           f"on this machine.") from None
+
+
+def connect_ray(spec: StudySpec, address: Optional[str], announce: bool = True) -> str:
+    """Join (or start) the Ray cluster, say which it is, check that a trial fits it (now
+    or once the autoscaler adds nodes) and that its nodes reach the Ray storage; return the
+    storage path trials write to (absolute, or a URI such as s3://...).
+
+    No address: the job's cluster when run by `ray job submit` (RAY_ADDRESS), else a new
+    Ray on this machine, never a cluster some earlier `ray start` left running (pass
+    `--address auto` to join that one).
+    """
     import ray
 
-    total = ray.cluster_resources()
-    if spec.resources.gpu > total.get("GPU", 0):
-        raise SpecError(f"`resources.gpu` is {spec.resources.gpu} per trial, but the Ray cluster "
-                        f"has {total.get('GPU', 0):g} GPUs (resources: CPU {total.get('CPU', 0):g}, "
-                        f"GPU {total.get('GPU', 0):g}). Set resources.gpu: 0 or start GPU nodes.")
-    if spec.resources.cpu > total.get("CPU", 0):
-        raise SpecError(f"`resources.cpu` is {spec.resources.cpu} per trial, but the Ray cluster "
-                        f"has {total.get('CPU', 0):g} CPUs. Lower resources.cpu.")
-
-
-def connect_ray(spec: StudySpec, address: Optional[str]) -> str:
-    """Join (or start) the Ray cluster, check the spec's resources fit it, and return the
-    Ray storage path trials write to (absolute, or a URI such as s3://...)."""
-    import ray
+    from .cluster import check_storage_reachable, check_trial_fits, read_cluster_shape
 
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, logging_level="WARNING")
-    _check_resources(spec)
+        target = address or os.environ.get("RAY_ADDRESS") or "local"
+        _probe_ray_address(target)
+        try:
+            ray.init(address=target, include_dashboard=False, logging_level="WARNING")
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise ClusterError(f"Cannot join the Ray cluster at {target!r}: "
+                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}. "
+                               f"Check --address (HOST:PORT of the head's GCS, or auto for a "
+                               f"cluster started on this machine with `ray start`).") from None
+    shape = read_cluster_shape()
+    note = check_trial_fits(shape, trial_bundle(spec))
+    if announce:
+        how = ("started on this machine for this study" if address is None and
+               not os.environ.get("RAY_ADDRESS") else "joined")
+        print(shape.describe(how) + (f"\n  {note}" if note else ""), flush=True)
     ray_storage = spec.store("ray")
     if "://" not in ray_storage:
         ray_storage = str(Path(ray_storage).expanduser().resolve())
+    check_storage_reachable(shape, ray_storage)
     return ray_storage
 
 
@@ -151,7 +182,7 @@ def resolve_study_data(spec: StudySpec) -> StudySpec:
 
 # Keys a resumed study may change; any other difference would mix incomparable trials.
 RESUMABLE_CHANGES = ("trials", "max_concurrent", "max_failures", "resources", "data_dir",
-                     "storage")
+                     "storage", "node_wait_minutes")
 
 
 class StudyExistsError(SpecError):
@@ -204,6 +235,7 @@ def spec_for_resume(spec: StudySpec, recorded: Optional[dict],
     merged = {**recorded, "storage": given["storage"], "data_dir": given["data_dir"],
               "max_failures": given["max_failures"],
               "resources": given["resources"], "max_concurrent": given["max_concurrent"],
+              "node_wait_minutes": given["node_wait_minutes"],
               **(overrides or {})}
     return spec_from_dict(merged, f"study {spec.name}")
 
@@ -231,7 +263,8 @@ def run_study(spec: StudySpec, address: Optional[str] = None, verbose: int = 1,
 
     from search_spaces import SPACES, paper_point
 
-    from .search import StudySearch, TrialLedger, plan_family, stale_runs_closed
+    from .cluster import NodeWait
+    from .search import ITERATION, StudySearch, TrialLedger, plan_family, stale_runs_closed
     from .trainable import TrialSetup, train_trial
 
     spec = resolve_study_data(spec)
@@ -268,12 +301,13 @@ def run_study(spec: StudySpec, address: Optional[str] = None, verbose: int = 1,
             retry=plan.retry)
         scheduler = None
         if spec.scheduler.type == "asha":
-            scheduler = ASHAScheduler(time_attr="training_iteration", max_t=spec.max_iterations,
+            scheduler = ASHAScheduler(time_attr=ITERATION, max_t=spec.max_iterations,
                                       grace_period=spec.scheduler.grace_period,
                                       reduction_factor=spec.scheduler.reduction_factor)
         trial_fn = _family_trainable(trainable or train_trial, TrialSetup(spec, family))
         trainable_with_resources = tune.with_resources(
             trial_fn, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+        wait = NodeWait(spec.node_wait_minutes, trial_bundle(spec), plan.study_name)
         tuner = tune.Tuner(
             trainable_with_resources,
             tune_config=tune.TuneConfig(metric=VAL_ACC, mode="max", search_alg=searcher,
@@ -285,12 +319,19 @@ def run_study(spec: StudySpec, address: Optional[str] = None, verbose: int = 1,
             run_config=tune.RunConfig(
                 name=f"{spec.name}-{family}", storage_path=ray_storage, verbose=verbose,
                 callbacks=[TrialLedger(storage, plan.study_name, VAL_ACC),
-                           TrialLogger(tracker, family, spec.max_iterations)],
+                           TrialLogger(tracker, family, spec.max_iterations), wait],
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                 checkpoint_config=tune.CheckpointConfig(
                     num_to_keep=2, checkpoint_score_attribute=VAL_ACC,
                     checkpoint_score_order="max")))
-        tuner.fit()
+        try:
+            tuner.fit()
+        except Exception:
+            if wait.error is not None:  # the cluster never gave the trials a node
+                raise wait.error from None
+            raise
+        if wait.error is not None:
+            raise wait.error
         summary[family] = _best_from_optuna(study, family)
     tracker.client.set_terminated(tracker.parent_run_id, "FINISHED")
     return summary

@@ -23,10 +23,13 @@ import optuna
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
-__all__ = ["StudySearch", "TrialLedger", "FamilyPlan", "plan_family", "OPTUNA_TRIAL",
+__all__ = ["StudySearch", "TrialLedger", "FamilyPlan", "plan_family", "OPTUNA_TRIAL", "ITERATION",
            "RESUME_FROM", "FINISHED_STATES", "private_keys_removed", "stale_runs_closed"]
 
 OPTUNA_TRIAL = "_optuna_trial"
+ITERATION = "iteration"
+"""The trial's own iteration count, reported by the trainable: it goes on across retries
+and resumes, unlike Tune's training_iteration (ASHA's rungs and Optuna's steps use it)."""
 RESUME_FROM = "_resume_from"
 FINISHED_STATES = ("COMPLETE", "PRUNED", "FAIL")
 
@@ -89,6 +92,13 @@ class StudySearch(OptunaSearch):
         ot_trial.set_user_attr("tune_trial_id", trial_id)
         return {**config, OPTUNA_TRIAL: ot_trial.number, **extra}
 
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        """Intermediate values at the trial's own iteration: a trial retried after a lost
+        node or a killed driver continues at iteration N while Tune counts from 1 again."""
+        if ITERATION in result:
+            result = {**result, "training_iteration": result[ITERATION]}
+        super().on_trial_result(trial_id, result)
+
 
 class TrialLedger(tune.Callback):
     """Records on each Optuna trial where its latest and best checkpoints are.
@@ -114,7 +124,7 @@ class TrialLedger(tune.Callback):
         if kind != "local":
             location = f"{kind}://{location}"
         attrs = {"latest_checkpoint": location,
-                 "latest_iteration": int(result.get("iteration", 0))}
+                 "latest_iteration": int(result.get(ITERATION, 0))}
         value = result.get(self.metric)
         best = self.best.get(number, frozen.user_attrs.get("best_value", -math.inf))
         if isinstance(value, (int, float)) and math.isfinite(value) and value > best:

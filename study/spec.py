@@ -24,14 +24,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import yaml
 
 from gmwae_core.config import (DATASETS, FAMILIES, PRESETS, ConfigError, RunConfig,
                                coerce_field, reject_unknown_keys)
 
-__all__ = ["StudySpec", "Scheduler", "Resources", "Storage", "load_spec", "SpecError"]
+__all__ = ["StudySpec", "Scheduler", "Resources", "Storage", "load_spec", "SpecError",
+           "apply_sets"]
 
 
 class SpecError(ConfigError):
@@ -107,6 +108,9 @@ class StudySpec:
     """Times Tune retries a trial that died (a lost node, an error), from its last checkpoint."""
     seed: int = 0
     storage: Storage = field(default_factory=Storage)
+    node_wait_minutes: float = 20.0
+    """How long trials may all wait for nodes (none running) before the study stops and
+    says what it asked for and what the cluster has; an autoscaled GPU node takes minutes."""
 
     def __post_init__(self) -> None:
         from search_spaces import space_names
@@ -137,6 +141,8 @@ class StudySpec:
                   "Leave it null for one epoch per iteration.")
         if self.max_failures < 0:
             _fail("max_failures", "must be >= 0", self.max_failures, "Use 2 (0: never retry).")
+        if not self.node_wait_minutes > 0:
+            _fail("node_wait_minutes", "must be positive", self.node_wait_minutes, "Use 20.")
         if self.max_concurrent < 1:
             _fail("max_concurrent", "must be at least 1", self.max_concurrent, "Use 2.")
         self.run_config("gmwae", {})  # the fixed values must make a valid run config
@@ -218,8 +224,46 @@ def _spec_from_dict(d: Any, source: str) -> StudySpec:
     return StudySpec(**kwargs)
 
 
-def load_spec(path: str | Path, overrides: Optional[dict[str, Any]] = None) -> StudySpec:
-    """Read and validate a YAML spec; `overrides` replace top-level keys (e.g. trials)."""
+def apply_sets(d: dict, sets: Sequence[str]) -> dict:
+    """`d` (a parsed spec) with each "KEY=VALUE" of `sets` applied; KEY may be dotted
+    (storage.ray, resources.gpu, fixed.lambda_mmd), VALUE is read as YAML (1, 0.25, true,
+    [gmwae], s3://bucket/ray). The result is validated by spec_from_dict as usual."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in d.items()}
+    top = {f.name for f in fields(StudySpec)}
+    for item in sets:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise SpecError(f"`--set` takes KEY=VALUE, but got {item!r}. Use e.g. "
+                            f"--set storage.ray=s3://bucket/ray or --set trials=8.")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        head, _, rest = key.partition(".")
+        if head not in top:
+            raise SpecError(f"`--set {key}`: {head!r} is not a study spec key. Keys: "
+                            f"{', '.join(sorted(top))} (nested: storage.optuna, resources.gpu, "
+                            f"fixed.KEY, ...).")
+        if not rest:
+            out[head] = value
+            continue
+        if head != "fixed" and head not in _NESTED:
+            raise SpecError(f"`--set {key}`: {head!r} has no sub-keys. Use --set {head}=VALUE.")
+        if head in _NESTED and rest not in {f.name for f in fields(_NESTED[head])}:
+            raise SpecError(f"`--set {key}`: {rest!r} is not a key of `{head}`. Keys: "
+                            f"{', '.join(f.name for f in fields(_NESTED[head]))}.")
+        nested = out.get(head)
+        if isinstance(nested, str) and head == "scheduler":
+            nested = {"type": nested}
+        out[head] = {**(nested if isinstance(nested, dict) else {}), rest: value}
+    return out
+
+
+def load_spec(path: str | Path, overrides: Optional[dict[str, Any]] = None,
+              sets: Sequence[str] = ()) -> StudySpec:
+    """Read and validate a YAML spec; `overrides` replace top-level keys (e.g. trials),
+    then `sets` ("KEY=VALUE", dotted keys) are applied (see apply_sets)."""
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"Study spec {path} does not exist. Use one of studies/*.yaml or write one "
@@ -230,4 +274,6 @@ def load_spec(path: str | Path, overrides: Optional[dict[str, Any]] = None) -> S
         raise SpecError(f"{path} is not valid YAML: {e}") from None
     if isinstance(d, dict) and overrides:
         d = {**d, **overrides}
-    return spec_from_dict(d, str(path))
+    if isinstance(d, dict) and sets:
+        d = apply_sets(d, sets)
+    return spec_from_dict(d, str(path) + (" with --set" if sets else ""))

@@ -23,7 +23,7 @@ from gmwae_core import (DataConfig, Splits, Trainer, load_checkpoint, load_split
                         save_checkpoint)
 from gmwae_core.figures import write_figures
 
-from .search import RESUME_FROM, private_keys_removed
+from .search import ITERATION, RESUME_FROM, private_keys_removed
 
 __all__ = ["TrialSetup", "cached_splits", "train_trial"]
 
@@ -56,13 +56,13 @@ def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     iteration = 0
     if checkpoint is not None:  # a retried or resumed trial continues where it stopped
         with checkpoint.as_directory() as folder:
-            iteration = int(load_checkpoint(Path(folder) / "checkpoint", trainer)["iteration"])
+            iteration = int(load_checkpoint(Path(folder) / "checkpoint", trainer)[ITERATION])
     steps = setup.spec.steps_per_iteration or trainer.steps_per_epoch
     while iteration < setup.spec.max_iterations:
         train_metrics = trainer.train_steps(steps)
         val = trainer.evaluate("val")
         iteration += 1
-        metrics = {**train_metrics, **val.metrics, "iteration": iteration,
+        metrics = {**train_metrics, **val.metrics, ITERATION: iteration,
                    "steps": trainer.step, "train_seconds": trainer.train_seconds}
         if setup.test_at_end and iteration == setup.spec.max_iterations:
             metrics.update(trainer.evaluate("test").metrics)

@@ -82,7 +82,8 @@ def test_gpu_request_on_a_cluster_without_gpus_fails_fast_with_its_resources(tmp
                                        "ray": str(tmp_path / "ray")}})
     try:
         with pytest.raises(SpecError, match=r"`resources.gpu` is 0.5 per trial, but the Ray cluster "
-                                            r"has 0 GPUs \(resources: CPU \d+, GPU 0\)"):
+                                            r"has 0 GPUs now and can grow none \(running nodes "
+                                            r"\[[\d.]+: CPU \d+, GPU 0\]; no autoscaler node types"):
             run_study(spec, verbose=0)
     finally:
         ray.shutdown()

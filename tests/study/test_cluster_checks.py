@@ -1,0 +1,159 @@
+"""A study meets its cluster: what fits now or after the autoscaler grows it, storage the
+nodes can reach, trials that wait for nodes that never come, `--set` of spec keys."""
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from study.cluster import (CLUSTER_CONFIG_ENV, ClusterError, ClusterShape, NodeType,
+                           check_storage_reachable, check_trial_fits)
+from study.runner import run_study
+from study.search import StudySearch
+from study.spec import SpecError, apply_sets, load_spec, spec_from_dict
+
+ROOT = Path(__file__).parents[2]
+GMWAE = str(Path(sys.executable).parent / "gmwae")
+HEAD = {"ip": "10.0.0.1", "resources": {"CPU": 0.0, "GPU": 0.0}}
+GPU_WORKER = NodeType("gpu_worker", {"CPU": 4.0, "GPU": 1.0}, 0, 8)
+
+
+def shape(nodes=(HEAD,), types=(GPU_WORKER,), **kw):
+    return ClusterShape("10.0.0.1:6379", tuple(nodes), tuple(types), 8, "test", "aws",
+                        driver_ip="10.0.0.1", **kw)
+
+
+def test_a_trial_that_only_a_launchable_node_type_holds_is_accepted_with_a_note():
+    note = check_trial_fits(shape(), {"CPU": 1, "GPU": 0.25})
+    assert "the autoscaler launches gpu_worker on demand" in note
+    assert check_trial_fits(shape(nodes=(HEAD, {"ip": "10.0.0.2", "resources": {
+        "CPU": 4.0, "GPU": 1.0}})), {"CPU": 1, "GPU": 0.25}) == ""
+    assert shape().slots({"CPU": 1, "GPU": 0.25}) == 4 * 8  # 4 per GPU node, 8 nodes
+
+
+@pytest.mark.parametrize("bundle,types,pattern", [
+    ({"CPU": 8, "GPU": 1}, (GPU_WORKER,),
+     r"A trial needs CPU 8, GPU 1, more than any running node or node type has \(running "
+     r"nodes \[10.0.0.1: CPU 0, GPU 0\]; node types \[gpu_worker: CPU 4, GPU 1, max_workers 8\]"),
+    ({"CPU": 1, "GPU": 0.5}, (NodeType("cpu_worker", {"CPU": 8.0}, 0, 4),),
+     r"`resources.gpu` is 0.5 per trial, but the Ray cluster has 0 GPUs now and can grow none"),
+    ({"CPU": 1, "GPU": 0.5}, (NodeType("gpu_worker", {"CPU": 4.0, "GPU": 1.0}, 0, 0),),
+     r"`resources.gpu` is 0.5 per trial, but the Ray cluster has 0 GPUs"),  # max_workers 0
+])
+def test_a_trial_no_node_type_can_hold_is_refused_naming_the_types(bundle, types, pattern):
+    with pytest.raises(ClusterError, match=pattern):
+        check_trial_fits(shape(types=types), bundle)
+
+
+def test_a_local_storage_folder_is_refused_when_nodes_launch_on_other_machines(tmp_path):
+    with pytest.raises(ClusterError, match=r"`storage.ray` is the local folder .* launches nodes "
+                                           r"on other machines \(gpu_worker, provider aws\).*s3://"):
+        check_storage_reachable(shape(), str(tmp_path / "ray"))
+    check_storage_reachable(shape(), "s3://bucket/ray")  # every node reaches a bucket
+    check_storage_reachable(shape(launches_here=True), str(tmp_path / "ray"))  # fake nodes
+
+
+def test_set_changes_nested_spec_keys_and_rejects_unknown_ones(tmp_path):
+    spec = load_spec(ROOT / "studies/smoke.yaml", sets=[
+        "storage.ray=s3://bucket/ray", "resources.gpu=0.25", "trials=5", "fixed.lambda_mmd=50",
+        "scheduler.type=none", "families=[gmwae]"])
+    assert spec.storage.ray == "s3://bucket/ray" and spec.storage.optuna.startswith("sqlite")
+    assert spec.resources.gpu == 0.25 and spec.resources.cpu == 1 and spec.trials == 5
+    assert spec.fixed["lambda_mmd"] == 50 and spec.fixed["decoder_width"] == 8
+    assert spec.scheduler.type == "none" and spec.families == ("gmwae",)
+    for item, pattern in [("storage.rey=x", r"'rey' is not a key of `storage`. Keys: optuna"),
+                          ("trails=3", r"'trails' is not a study spec key"),
+                          ("trials", r"`--set` takes KEY=VALUE, but got 'trials'"),
+                          ("trials.x=1", r"'trials' has no sub-keys"),
+                          ("resources.gpu=-1", r"`resources.gpu` must be >= 0"),
+                          ("trials=many", r"`trials` must be a int, but got 'many'")]:
+        with pytest.raises(SpecError, match=pattern):
+            load_spec(ROOT / "studies/smoke.yaml", sets=[item])
+
+
+def test_set_on_the_command_line_exits_2_naming_the_key(tmp_path):
+    done = subprocess.run([GMWAE, "study", "run", str(ROOT / "studies/smoke.yaml"), "--set",
+                           "storage.rey=s3://x"], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=120)
+    assert done.returncode == 2 and "'rey' is not a key of `storage`" in done.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_unreachable_cluster_address_exits_2_at_once(tmp_path):
+    done = subprocess.run([GMWAE, "study", "run", str(ROOT / "studies/smoke.yaml"), "--address",
+                           "127.0.0.1:9", "--set", f"storage.ray={tmp_path}/ray"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.returncode == 2
+    assert "Cannot reach the Ray cluster at '127.0.0.1:9'" in done.stderr
+    assert not (tmp_path / "ray").exists()
+
+
+def test_intermediate_values_use_the_trials_own_iteration():
+    """A trial retried after a lost node continues at iteration 3 while Tune restarts its
+    training_iteration at 1: Optuna must record step 3."""
+    search = StudySearch(space=lambda trial: {"x": trial.suggest_float("x", 0, 1)},
+                         metric="val/cluster_acc", mode="max",
+                         storage=optuna.storages.InMemoryStorage(), study_name="s")
+    config = search.suggest("t1")
+    assert config["_optuna_trial"] == 0
+    search.on_trial_result("t1", {"val/cluster_acc": 0.5, "iteration": 3, "training_iteration": 1})
+    assert search._ot_study.trials[0].intermediate_values == {3: 0.5}
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+def local_spec(tmp_path, name, **extra):
+    return spec_from_dict({"name": name, "dataset": "synthetic", "space": "smoke", "trials": 2,
+                           "max_iterations": 1, "steps_per_iteration": 5,
+                           "fixed": {"decoder_width": 8, "batch_size": 32, "pretrain_steps": 2,
+                                     "eval_size": 100},
+                           "storage": {"optuna": f"sqlite:///{tmp_path}/o.db",
+                                       "mlflow": f"sqlite:///{tmp_path}/m.db",
+                                       "ray": str(tmp_path / "ray")}, **extra})
+
+
+def cluster_config(tmp_path, provider, gpus=1):
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump({
+        "max_workers": 2, "provider": {"type": provider},
+        "head_node_type": "head", "available_node_types": {
+            "head": {"resources": {"CPU": 0}, "max_workers": 0},
+            "gpu_worker": {"resources": {"CPU": 1, "GPU": gpus}, "min_workers": 0,
+                           "max_workers": 2}}}))
+    return path
+
+
+def test_trials_waiting_for_nodes_that_never_come_stop_the_study_with_what_was_asked(
+        tmp_path, ray_local, monkeypatch, capsys):
+    # The config claims a GPU node type that no autoscaler will ever launch here.
+    monkeypatch.setenv(CLUSTER_CONFIG_ENV, str(cluster_config(tmp_path, "fake_multinode")))
+    spec = local_spec(tmp_path, "waits", resources={"cpu": 1, "gpu": 1}, node_wait_minutes=0.1)
+    with pytest.raises(ClusterError, match=r"(?s)Every trial of waits/gmwae waited 0\.\d min for a node "
+                                           r"that can hold it \(CPU 1, GPU 1 per trial; "
+                                           r"node_wait_minutes is 0.1\), and none came\. Ray "
+                                           r"cluster .*gmwae study resume waits"):
+        run_study(spec, verbose=0)
+    out = capsys.readouterr().out
+    assert "the autoscaler can add: gpu_worker (CPU 1, GPU 1, 0..2)" in out
+    assert "No running node can hold a trial (CPU 1, GPU 1) yet" in out
+    # What the study recorded stays: the Optuna study and its asked trials, for `resume`.
+    study = optuna.load_study(study_name="waits/gmwae", storage=f"sqlite:///{tmp_path}/o.db")
+    assert study.trials and all(t.state.name == "RUNNING" for t in study.trials)
+
+
+def test_a_local_storage_folder_on_a_cluster_of_other_machines_stops_before_any_trial(
+        tmp_path, ray_local, monkeypatch):
+    monkeypatch.setenv(CLUSTER_CONFIG_ENV, str(cluster_config(tmp_path, "aws")))
+    spec = local_spec(tmp_path, "far", resources={"cpu": 1, "gpu": 0.5})
+    with pytest.raises(ClusterError, match=r"`storage.ray` is the local folder .*provider aws"):
+        run_study(spec, verbose=0)
+    assert not (tmp_path / "ray").exists()
