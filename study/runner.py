@@ -182,7 +182,7 @@ def resolve_study_data(spec: StudySpec) -> StudySpec:
 
 # Keys a resumed study may change; any other difference would mix incomparable trials.
 RESUMABLE_CHANGES = ("trials", "max_concurrent", "max_failures", "resources", "data_dir",
-                     "storage", "node_wait_minutes")
+                     "storage", "node_wait_minutes", "run_families")
 
 
 class StudyExistsError(SpecError):
@@ -236,6 +236,7 @@ def spec_for_resume(spec: StudySpec, recorded: Optional[dict],
               "max_failures": given["max_failures"],
               "resources": given["resources"], "max_concurrent": given["max_concurrent"],
               "node_wait_minutes": given["node_wait_minutes"],
+              "run_families": given["run_families"],
               **(overrides or {})}
     return spec_from_dict(merged, f"study {spec.name}")
 
@@ -263,7 +264,6 @@ def run_study(spec: StudySpec, address: Optional[str] = None, verbose: int = 1,
 
     from search_spaces import SPACES, paper_point
 
-    from .cluster import NodeWait
     from .search import ITERATION, StudySearch, TrialLedger, plan_family, stale_runs_closed
     from .trainable import TrialSetup, train_trial
 
@@ -281,6 +281,7 @@ def run_study(spec: StudySpec, address: Optional[str] = None, verbose: int = 1,
     tracker.log_spec(spec.to_dict())
     ray_storage = connect_ray(spec, address)
     summary: dict[str, Any] = {}
+    parts: dict[str, dict[str, Any]] = {}  # per family still to run: searcher, scheduler, ...
     for family in spec.families:
         plan = plans[family]
         study = optuna.create_study(study_name=plan.study_name, storage=storage,
@@ -290,51 +291,95 @@ def run_study(spec: StudySpec, address: Optional[str] = None, verbose: int = 1,
             stale_runs_closed(storage, plan.study_name, tracker.client, tracker.experiment_id,
                               family)
         if plan.samples == 0:
-            summary[family] = _best_from_optuna(study, family)
             continue
-        searcher = StudySearch(
-            space=functools.partial(SPACES[spec.space], family=family),
-            metric=VAL_ACC, mode="max", storage=storage, study_name=plan.study_name,
-            # a resumed sampler must not replay the first run's random draws
-            seed=spec.seed + plan.finished + len(plan.retry),
-            points_to_evaluate=None if plan.exists else [paper_point(spec.space, family)],
-            retry=plan.retry)
-        scheduler = None
-        if spec.scheduler.type == "asha":
-            scheduler = ASHAScheduler(time_attr=ITERATION, max_t=spec.max_iterations,
-                                      grace_period=spec.scheduler.grace_period,
-                                      reduction_factor=spec.scheduler.reduction_factor)
-        trial_fn = _family_trainable(trainable or train_trial, TrialSetup(spec, family))
-        trainable_with_resources = tune.with_resources(
-            trial_fn, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
-        wait = NodeWait(spec.node_wait_minutes, trial_bundle(spec), plan.study_name)
-        tuner = tune.Tuner(
-            trainable_with_resources,
-            tune_config=tune.TuneConfig(metric=VAL_ACC, mode="max", search_alg=searcher,
-                                        scheduler=scheduler, num_samples=plan.samples,
-                                        max_concurrent_trials=spec.max_concurrent,
-                                        # a worker runs the family's next trial: no new
-                                        # process, torch import or data load per trial
-                                        reuse_actors=True),
-            run_config=tune.RunConfig(
-                name=f"{spec.name}-{family}", storage_path=ray_storage, verbose=verbose,
-                callbacks=[TrialLedger(storage, plan.study_name, VAL_ACC),
-                           TrialLogger(tracker, family, spec.max_iterations), wait],
-                failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                checkpoint_config=tune.CheckpointConfig(
-                    num_to_keep=2, checkpoint_score_attribute=VAL_ACC,
-                    checkpoint_score_order="max")))
-        try:
-            tuner.fit()
-        except Exception:
-            if wait.error is not None:  # the cluster never gave the trials a node
-                raise wait.error from None
-            raise
-        if wait.error is not None:
-            raise wait.error
-        summary[family] = _best_from_optuna(study, family)
+        parts[family] = {
+            "samples": plan.samples,
+            "searcher": StudySearch(
+                space=functools.partial(SPACES[spec.space], family=family),
+                metric=VAL_ACC, mode="max", storage=storage, study_name=plan.study_name,
+                # a resumed sampler must not replay the first run's random draws
+                seed=spec.seed + plan.finished + len(plan.retry),
+                points_to_evaluate=None if plan.exists else [paper_point(spec.space, family)],
+                retry=plan.retry),
+            "scheduler": (ASHAScheduler(time_attr=ITERATION, max_t=spec.max_iterations,
+                                        grace_period=spec.scheduler.grace_period,
+                                        reduction_factor=spec.scheduler.reduction_factor)
+                          if spec.scheduler.type == "asha" else None),
+            "callbacks": [TrialLedger(storage, plan.study_name, VAL_ACC),
+                          TrialLogger(tracker, family, spec.max_iterations)],
+            "setup": TrialSetup(spec, family)}
+    if spec.run_families == "together" and len(parts) > 1:
+        groups = [list(parts)]  # one Tune run: the cluster never idles between families
+    else:
+        groups = [[family] for family in parts]
+    for group in groups:
+        _run_group(spec, {f: parts[f] for f in group}, trainable or train_trial, ray_storage,
+                   verbose)
+    for family in spec.families:
+        summary[family] = _best_from_optuna(
+            optuna.load_study(study_name=plans[family].study_name, storage=storage), family)
     tracker.client.set_terminated(tracker.parent_run_id, "FINISHED")
     return summary
+
+
+def _run_group(spec: StudySpec, parts: dict[str, dict[str, Any]], fn: Callable,
+               ray_storage: str, verbose: int) -> None:
+    """One Tune run over the given families' trials (see study.together for several)."""
+    from ray import tune
+
+    from .cluster import NodeWait
+    from .together import ByFamily, FamilyScheduler, FamilySearch
+
+    families = list(parts)
+    if len(families) == 1:
+        (family, part), = parts.items()
+        searcher, scheduler, callbacks = part["searcher"], part["scheduler"], part["callbacks"]
+        trial_fn = _family_trainable(fn, part["setup"])
+        name = f"{spec.name}-{family}"
+    else:
+        searcher = FamilySearch({f: p["searcher"] for f, p in parts.items()},
+                                {f: p["samples"] for f, p in parts.items()}, VAL_ACC, "max")
+        scheduler = (FamilyScheduler({f: p["scheduler"] for f, p in parts.items()})
+                     if spec.scheduler.type == "asha" else None)
+        callbacks = [ByFamily({f: p["callbacks"] for f, p in parts.items()})]
+        trial_fn = _families_trainable(fn, {f: p["setup"] for f, p in parts.items()})
+        name = spec.name
+    wait = NodeWait(spec.node_wait_minutes, trial_bundle(spec),
+                    f"{spec.name}/{'+'.join(families)}")
+    tuner = tune.Tuner(
+        tune.with_resources(trial_fn, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}),
+        tune_config=tune.TuneConfig(metric=VAL_ACC, mode="max", search_alg=searcher,
+                                    scheduler=scheduler,
+                                    num_samples=sum(p["samples"] for p in parts.values()),
+                                    max_concurrent_trials=spec.max_concurrent,
+                                    # a worker runs the next trial: no new process, torch
+                                    # import or data load per trial
+                                    reuse_actors=True),
+        run_config=tune.RunConfig(
+            name=name, storage_path=ray_storage, verbose=verbose, callbacks=[*callbacks, wait],
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute=VAL_ACC,
+                checkpoint_score_order="max")))
+    try:
+        tuner.fit()
+    except Exception:
+        if wait.error is not None:  # the cluster never gave the trials a node
+            raise wait.error from None
+        raise
+    if wait.error is not None:
+        raise wait.error
+
+
+def _families_trainable(fn: Callable, setups: dict[str, Any]) -> Callable:
+    """fn(config, setups[config's family]) as one trainable for a run of several families."""
+    from .together import FAMILY
+
+    def trial(config: dict) -> None:
+        return fn(config, setups[config[FAMILY]])
+
+    trial.__name__ = "_".join(setups) + "_trial"
+    return trial
 
 
 def _family_trainable(fn: Callable, setup: Any) -> Callable:

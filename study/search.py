@@ -99,6 +99,18 @@ class StudySearch(OptunaSearch):
             result = {**result, "training_iteration": result[ITERATION]}
         super().on_trial_result(trial_id, result)
 
+    def on_trial_complete(self, trial_id: str, result: Optional[dict] = None,
+                          error: bool = False) -> None:
+        """Tune hands a trial's last result only to on_trial_complete: record it as an
+        intermediate value too, so Optuna's curves end where the trial ended."""
+        ot_trial = self._ot_trials.get(trial_id)
+        value = (result or {}).get(self.metric)
+        if (ot_trial is not None and trial_id not in self._completed_trials
+                and isinstance(value, (int, float)) and math.isfinite(value)
+                and ITERATION in result):
+            ot_trial.report(float(value), int(result[ITERATION]))
+        super().on_trial_complete(trial_id, result, error)
+
 
 class TrialLedger(tune.Callback):
     """Records on each Optuna trial where its latest and best checkpoints are.

@@ -108,6 +108,9 @@ class StudySpec:
     """Times Tune retries a trial that died (a lost node, an error), from its last checkpoint."""
     seed: int = 0
     storage: Storage = field(default_factory=Storage)
+    run_families: str = "together"
+    """together: both families' trials in one Tune run, sharing the cluster (each keeps its
+    own Optuna study, budget and ASHA); in_turn: one family after the other."""
     node_wait_minutes: float = 20.0
     """How long trials may all wait for nodes (none running) before the study stops and
     says what it asked for and what the cluster has; an autoscaled GPU node takes minutes."""
@@ -141,6 +144,9 @@ class StudySpec:
                   "Leave it null for one epoch per iteration.")
         if self.max_failures < 0:
             _fail("max_failures", "must be >= 0", self.max_failures, "Use 2 (0: never retry).")
+        if self.run_families not in ("together", "in_turn"):
+            _fail("run_families", "must be together or in_turn", self.run_families,
+                  "Use together (the default).")
         if not self.node_wait_minutes > 0:
             _fail("node_wait_minutes", "must be positive", self.node_wait_minutes, "Use 20.")
         if self.max_concurrent < 1:

@@ -100,6 +100,10 @@ def test_intermediate_values_use_the_trials_own_iteration():
     assert config["_optuna_trial"] == 0
     search.on_trial_result("t1", {"val/cluster_acc": 0.5, "iteration": 3, "training_iteration": 1})
     assert search._ot_study.trials[0].intermediate_values == {3: 0.5}
+    # the last result reaches only on_trial_complete: it is an intermediate value too
+    search.on_trial_complete("t1", {"val/cluster_acc": 0.6, "iteration": 4, "training_iteration": 2})
+    trial = search._ot_study.trials[0]
+    assert trial.intermediate_values == {3: 0.5, 4: 0.6} and trial.state.name == "COMPLETE"
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +141,7 @@ def test_trials_waiting_for_nodes_that_never_come_stop_the_study_with_what_was_a
     # The config claims a GPU node type that no autoscaler will ever launch here.
     monkeypatch.setenv(CLUSTER_CONFIG_ENV, str(cluster_config(tmp_path, "fake_multinode")))
     spec = local_spec(tmp_path, "waits", resources={"cpu": 1, "gpu": 1}, node_wait_minutes=0.1)
-    with pytest.raises(ClusterError, match=r"(?s)Every trial of waits/gmwae waited 0\.\d min for a node "
+    with pytest.raises(ClusterError, match=r"(?s)Every trial of waits/gmwae\+gmvae waited 0\.\d min for a node "
                                            r"that can hold it \(CPU 1, GPU 1 per trial; "
                                            r"node_wait_minutes is 0.1\), and none came\. Ray "
                                            r"cluster .*gmwae study resume waits"):
@@ -157,3 +161,28 @@ def test_a_local_storage_folder_on_a_cluster_of_other_machines_stops_before_any_
     with pytest.raises(ClusterError, match=r"`storage.ray` is the local folder .*provider aws"):
         run_study(spec, verbose=0)
     assert not (tmp_path / "ray").exists()
+
+
+def test_families_together_take_turns_and_keep_their_own_budgets():
+    from ray.tune.search import Searcher
+
+    from study.together import FAMILY, FamilySearch
+
+    class Counting(Searcher):
+        def __init__(self, name):
+            super().__init__(metric="m", mode="max")
+            self.name, self.seen = name, []
+
+        def suggest(self, trial_id):
+            return {"x": len(self.seen)}
+
+        def on_trial_complete(self, trial_id, result=None, error=False):
+            self.seen.append(trial_id)
+
+    wae, vae = Counting("gmwae"), Counting("gmvae")
+    search = FamilySearch({"gmwae": wae, "gmvae": vae}, {"gmwae": 3, "gmvae": 1}, "m", "max")
+    families = [search.suggest(f"t{i}") for i in range(5)]
+    assert [c[FAMILY] for c in families[:4]] == ["gmwae", "gmvae", "gmwae", "gmwae"]
+    assert families[4] == Searcher.FINISHED  # both budgets used
+    search.on_trial_complete("t1", {"m": 1.0})
+    assert vae.seen == ["t1"] and wae.seen == []  # each result reaches its family's searcher
