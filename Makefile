@@ -2,6 +2,7 @@
 #   make study       set up .venv, then run studies/quickstart.yaml (MNIST, both families, 12-17 min on 2 cores)
 #   make demo        set up .venv, then train a GM-WAE on scikit-learn's digits (offline, ~2 min)
 #   make test        set up .venv and the system packages (apt: chromium, postgresql), run the tests
+#   make test-quick  the same without the `slow` tests (the local multi-node clusters)
 #   make quality     benchmarks/quality.py on MNIST (2 x 20 min on 2 cores)
 #   make throughput  benchmarks/throughput.py
 PYTHON ?= python3.11
@@ -10,7 +11,7 @@ PY := $(VENV)/bin/python
 DATA_DIR ?= $(if $(GMWAE_DATA_DIR),$(GMWAE_DATA_DIR),../shared/data/mnist)
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: venv sysdeps study demo test quality throughput dashboard-bench clean
+.PHONY: venv sysdeps study demo test test-quick quality throughput dashboard-bench clean
 
 # pip, not uv: torch==2.14.1 and torchvision==0.29.1 come from this machine's disk.
 $(VENV)/.installed: pyproject.toml
@@ -42,6 +43,9 @@ demo: venv
 
 test: venv sysdeps
 	$(PY) -m pytest -q
+
+test-quick: venv sysdeps
+	$(PY) -m pytest -q -m "not slow"
 
 quality: venv
 	$(PY) benchmarks/quality.py --data-dir $(DATA_DIR) --minutes 20 --out benchmarks/results/quality.json

@@ -1,6 +1,19 @@
-"""The smoke study's wall time on the local 3-node cluster vs on plain local Ray.
+"""Studies on local clusters: utilisation on an autoscaling cluster, families in turn vs
+together; and the smoke study's wall time on the static 3-node cluster vs plain local Ray.
 
-    python benchmarks/cluster.py --out benchmarks/results/cluster.json
+    python benchmarks/cluster.py --out benchmarks/results/cluster-autoscaling.json   # autoscaling
+    python benchmarks/cluster.py --static --out benchmarks/results/cluster.json      # static
+
+Autoscaling (study.local_cluster --autoscaling: a head with 0 CPUs, 0..2 workers of
+{CPU 1, GPU 1} with fake GPUs, PostgreSQL, an MLflow server): the same study (studies/
+smoke.yaml with --set: `--trials` per family, 3 iterations of `--steps` steps, no ASHA,
+half a GPU per trial, so the full cluster holds 4 trials) submitted with `ray job submit`
+twice, run_families=in_turn and then together, each from zero workers (the cluster is
+let scale down in between). Per run: seconds from submit to the first trial running and
+to the end, worker nodes launched and removed (polled from the dashboard), and the
+utilisation = the sum of trial-seconds / (slots x the time from the first trial's start
+to the last trial's end), slots = trials the cluster holds at its full size; trial times
+are the MLflow child runs' start and end.
 
 1. Plain local Ray: `gmwae study run SPEC` (ray.init on this machine, sqlite stores).
 2. The local cluster (study.local_cluster: PostgreSQL, an MLflow server, a Ray head with 0
@@ -44,11 +57,98 @@ def run(cmd: list[str], **kw) -> float:
     return time.monotonic() - start
 
 
+def workers(cluster) -> set[str]:
+    return {n["raylet"]["nodeId"] for n in cluster.alive_node_list()
+            if n["raylet"].get("resourcesTotal", {}).get("GPU", 0) > 0}
+
+
+def autoscaled_run(cluster, name: str, mode: str, trials: int, steps: int) -> dict:
+    """One study on the autoscaling cluster, from zero workers; its timings and utilisation."""
+    import mlflow
+    from ray.job_submission import JobSubmissionClient
+
+    from study.local_cluster import ray_auth_headers
+
+    deadline = time.monotonic() + 300
+    while workers(cluster) and time.monotonic() < deadline:  # start from zero workers
+        time.sleep(2)
+    sets = [*cluster.study_sets(), "resources.gpu=0.5", "resources.cpu=0.5", f"trials={trials}",
+            "max_iterations=3", f"steps_per_iteration={steps}", "scheduler.type=none",
+            "max_concurrent=4", f"run_families={mode}"]
+    jobs = JobSubmissionClient(cluster.dashboard_url, headers=ray_auth_headers())
+    submitted_at = time.time()
+    job = jobs.submit_job(entrypoint=" ".join(
+        ["gmwae", "study", "run", str(ROOT / "studies/smoke.yaml"), "--quiet", "--name", name,
+         *[f"--set '{s}'" for s in sets]]))
+    seen: set[str] = set()
+    while not jobs.get_job_status(job).is_terminal():
+        seen |= workers(cluster)
+        time.sleep(0.5)
+    ended_at = time.time()
+    if jobs.get_job_status(job).name != "SUCCEEDED":
+        raise SystemExit(f"study {name} failed:\n{jobs.get_job_logs(job)[-4000:]}")
+    client = mlflow.MlflowClient(cluster.mlflow_url)
+    experiment = client.get_experiment_by_name(name)
+    runs = [r for r in client.search_runs([experiment.experiment_id])
+            if r.data.tags.get("role") == "trial"]
+    starts = [r.info.start_time / 1000 for r in runs]
+    ends = [r.info.end_time / 1000 for r in runs]
+    trial_seconds = sum(e - s for s, e in zip(starts, ends))
+    slots = 4  # 2 workers x (1 GPU / 0.5 per trial)
+    span = max(ends) - min(starts)
+    deadline = time.monotonic() + 300
+    while workers(cluster) and time.monotonic() < deadline:  # idle timeout: they go
+        time.sleep(2)
+    removed = len(seen - workers(cluster))
+    return {"mode": mode, "trials": len(runs), "submit_to_first_trial_s": min(starts) - submitted_at,
+            "submit_to_end_s": ended_at - submitted_at, "trial_span_s": span,
+            "trial_seconds": trial_seconds, "mean_trial_s": trial_seconds / len(runs),
+            "slots": slots, "utilisation": trial_seconds / (slots * span),
+            "workers_launched": len(seen), "workers_removed": removed}
+
+
+def autoscaling(out: Path, trials: int, steps: int) -> dict:
+    from study.local_cluster import LocalCluster
+
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.monotonic()
+        cluster = LocalCluster(Path(tmp) / "cluster", workers=2, cpus_per_worker=1,
+                               autoscaling=True, gpus_per_worker=1,
+                               idle_timeout_minutes=0.25).start()
+        startup_s = time.monotonic() - start
+        try:
+            runs = [autoscaled_run(cluster, f"util-{mode.replace('_', '-')}", mode, trials, steps)
+                    for mode in ("in_turn", "together")]
+        finally:
+            cluster.stop()
+    result = {"study": "studies/smoke.yaml", "trials_per_family": trials, "steps": steps,
+              "cluster_startup_seconds": startup_s, "runs": runs}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"{'families':<10}{'trials':>7}{'first trial s':>14}{'end s':>8}{'trial s':>9}"
+          f"{'span s':>8}{'utilisation':>12}{'launched':>9}{'removed':>8}")
+    for r in runs:
+        print(f"{r['mode']:<10}{r['trials']:>7}{r['submit_to_first_trial_s']:>14.1f}"
+              f"{r['submit_to_end_s']:>8.1f}{r['mean_trial_s']:>9.1f}{r['trial_span_s']:>8.1f}"
+              f"{r['utilisation']:>12.2f}{r['workers_launched']:>9}{r['workers_removed']:>8}")
+    print(f"cluster start-up {startup_s:.1f} s (once); wrote {out}")
+    return result
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="benchmarks/results/cluster.json")
+    p.add_argument("--out", default="benchmarks/results/cluster-autoscaling.json")
+    p.add_argument("--static", action="store_true",
+                   help="the static 3-node cluster vs plain local Ray (the older benchmark)")
+    p.add_argument("--trials", type=int, default=8, help="autoscaling: trials per family")
+    p.add_argument("--steps", type=int, default=150, help="autoscaling: steps per iteration")
+    p.add_argument("--smoke", action="store_true", help="autoscaling, 2 trials of 10 steps")
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if not args.static:
+        autoscaling(out, 2 if args.smoke else args.trials, 10 if args.smoke else args.steps)
+        return 0
     from study.local_cluster import LocalCluster
 
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}

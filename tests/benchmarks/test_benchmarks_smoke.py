@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parents[2]
 
 
@@ -112,3 +114,16 @@ def test_dashboard_smoke_times_a_report_from_real_stores(tmp_path):
     assert 0 < result["build_seconds_median"] and 1.0 < result["size_mb"]  # plotly.js is inline
     assert result["targets"]["size"]["met"] == (result["size_mb"] < 15.0)
     assert "build s (median)" in out
+
+
+@pytest.mark.slow
+def test_cluster_smoke_measures_both_family_modes_on_an_autoscaling_cluster(tmp_path):
+    out = run("cluster.py", "--smoke", "--out", tmp_path / "c.json")
+    result = json.loads((tmp_path / "c.json").read_text())
+    assert [r["mode"] for r in result["runs"]] == ["in_turn", "together"]
+    for r in result["runs"]:
+        assert r["trials"] == 4  # 2 per family, every one ran
+        assert 0 < r["submit_to_first_trial_s"] < r["submit_to_end_s"]
+        assert 0 < r["utilisation"] <= 1.0 + 1e-9
+        assert r["workers_launched"] >= 1 and r["workers_removed"] == r["workers_launched"]
+    assert "utilisation" in out and "together" in out

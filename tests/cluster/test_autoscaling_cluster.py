@@ -17,6 +17,8 @@ import pytest
 from study.local_cluster import LocalCluster, ray_auth_headers
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.slow  # a whole cluster per module: minutes
+
 RAY = str(Path(sys.executable).parent / "ray")
 GMWAE = str(Path(sys.executable).parent / "gmwae")
 TRIALS = 3

@@ -14,6 +14,8 @@ import pytest
 from study.local_cluster import PASSWORD_ENV, LocalCluster, ray_auth_headers
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.slow  # a whole cluster per module: minutes
+
 RAY = str(Path(sys.executable).parent / "ray")
 TRIALS = 3
 
