@@ -22,12 +22,15 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-# System packages the tests use: Debian's chromium (the dashboard is checked in it) and
-# PostgreSQL (the local cluster's Optuna storage). Installed with apt when missing.
+# System packages the tests use: Debian's chromium (the dashboard is checked in it),
+# PostgreSQL (the local cluster's Optuna storage), OpenSSH's server and rsync (`ray up` of
+# the on-prem form over SSH on loopback addresses). Installed with apt when missing.
 sysdeps:
 	@missing=""; \
 	test -x /usr/bin/chromium || missing="$$missing chromium"; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	test -x /usr/sbin/sshd || missing="$$missing openssh-server"; \
+	command -v rsync >/dev/null || missing="$$missing rsync"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing$$missing (apt)"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \

@@ -12,7 +12,8 @@ against the running nodes *and* the node types, read from (first found):
 2. the autoscaling config file named by $GMWAE_CLUSTER_CONFIG;
 3. the file the cluster's own autoscaler process reads (`ray start --autoscaling-config`,
    found when the driver runs on the head, as `ray job submit` drivers do);
-4. ~/ray_bootstrap_config.yaml, the file `ray up` leaves on the head.
+4. ~/ray_bootstrap_config.yaml, the file `ray up` leaves on the head (when the study
+   joined a cluster, not when it started its own Ray).
 """
 from __future__ import annotations
 
@@ -189,8 +190,11 @@ def _monitor_config(gcs_port: Optional[int]) -> Optional[Path]:
     return None
 
 
-def read_cluster_shape() -> ClusterShape:
-    """The joined cluster's running nodes and node types (call after ray.init)."""
+def read_cluster_shape(joined: bool = True) -> ClusterShape:
+    """The joined cluster's running nodes and node types (call after ray.init). With
+    `joined=False` (a Ray the study started itself) a ~/ray_bootstrap_config.yaml on this
+    machine belongs to some other cluster (a `ray up` head, a loopback on-prem cluster)
+    and is not read."""
     import ray
 
     context = ray.get_runtime_context()
@@ -208,7 +212,7 @@ def read_cluster_shape() -> ClusterShape:
         path = _monitor_config(port)
         if path is not None:
             found = _from_file(path, "the autoscaler's config")
-    if found is None:
+    if found is None and joined:
         bootstrap = Path("~/ray_bootstrap_config.yaml").expanduser()
         if bootstrap.is_file():
             found = _from_file(bootstrap, "ray up's")

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["LocalCluster", "ClusterError", "free_port", "ray_auth_headers"]
+__all__ = ["LocalCluster", "ClusterError", "free_port", "node_ports", "ray_auth_headers"]
 
 PG_USER = "gmwae"
 PASSWORD_ENV = "GMWAE_PG_PASSWORD"
@@ -45,6 +45,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def node_ports(index: int) -> list[str]:
+    """`ray start` flags for every port a node binds, distinct per node: several raylets
+    share this host (index: the node's place in its cluster, 0 for the head)."""
+    low = 20000 + 1000 * index
+    return [f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+            f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--min-worker-port={low}", f"--max-worker-port={low + 999}"]
 
 
 def _pg_bin(name: str) -> str:
@@ -284,15 +295,6 @@ class LocalCluster:
     def _ray_cmd(self, *args: str) -> list[str]:
         return [str(Path(sys.executable).parent / "ray"), "start", "--block", *args]
 
-    def _node_ports(self, index: int) -> list[str]:
-        """Every port a node binds, distinct per node: several raylets share this host."""
-        low = 20000 + 1000 * index
-        return [f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-                f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-                f"--dashboard-agent-grpc-port={free_port()}",
-                f"--dashboard-agent-listen-port={free_port()}",
-                f"--min-worker-port={low}", f"--max-worker-port={low + 999}"]
-
     def _temp_dir(self, key: str) -> str:
         """Each node its own Ray temp folder: nodes sharing one would delete each other's
         runtime-env files (a job's working_dir) from under running drivers. Short, under
@@ -341,7 +343,7 @@ class LocalCluster:
             "--num-cpus=0", "--num-gpus=0", "--include-dashboard=true",
             "--dashboard-host=127.0.0.1", f"--dashboard-port={self.state.dashboard_port}",
             f"--ray-client-server-port={free_port()}", "--disable-usage-stats",
-            *self._node_ports(0), *extra], env)
+            *node_ports(0), *extra], env)
         _wait(lambda: _http_ok(self.dashboard_url + "/api/version"), "The Ray head", 120,
               self.root / "logs" / "ray-head.log", (head,))
         if self.state.autoscaling:  # the workers come when a study asks for them
@@ -352,7 +354,7 @@ class LocalCluster:
             worker = self._start_node(f"ray-worker-{i}", [
                 f"--address={self.ray_address}", "--node-ip-address=127.0.0.1",
                 f"--num-cpus={self.cpus_per_worker}", "--num-gpus=0", "--disable-usage-stats",
-                *self._node_ports(i + 1)])
+                *node_ports(i + 1)])
             _wait(lambda: self.alive_nodes() == i + 2, f"Ray worker {i}", 120,
                   self.root / "logs" / f"ray-worker-{i}.log", (worker,))
 

@@ -152,11 +152,11 @@ def connect_ray(spec: StudySpec, address: Optional[str], announce: bool = True) 
                                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}. "
                                f"Check --address (HOST:PORT of the head's GCS, or auto for a "
                                f"cluster started on this machine with `ray start`).") from None
-    shape = read_cluster_shape()
+    started_here = address is None and not os.environ.get("RAY_ADDRESS")
+    shape = read_cluster_shape(joined=not started_here)
     note = check_trial_fits(shape, trial_bundle(spec))
     if announce:
-        how = ("started on this machine for this study" if address is None and
-               not os.environ.get("RAY_ADDRESS") else "joined")
+        how = "started on this machine for this study" if started_here else "joined"
         print(shape.describe(how) + (f"\n  {note}" if note else ""), flush=True)
     ray_storage = spec.store("ray")
     if "://" not in ray_storage:

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from study.cluster import (CLUSTER_CONFIG_ENV, ClusterError, ClusterShape, NodeType,
-                           check_storage_reachable, check_trial_fits)
+                           check_storage_reachable, check_trial_fits, read_cluster_shape)
 from study.runner import run_study
 from study.search import StudySearch
 from study.spec import SpecError, apply_sets, load_spec, spec_from_dict
@@ -161,6 +161,21 @@ def test_a_local_storage_folder_on_a_cluster_of_other_machines_stops_before_any_
     with pytest.raises(ClusterError, match=r"`storage.ray` is the local folder .*provider aws"):
         run_study(spec, verbose=0)
     assert not (tmp_path / "ray").exists()
+
+
+def test_a_ray_up_bootstrap_file_is_read_only_for_a_joined_cluster(tmp_path, ray_local,
+                                                                   monkeypatch):
+    # A head `ray up` made of this machine (or the loopback on-prem form) leaves
+    # ~/ray_bootstrap_config.yaml; a study that starts its own Ray must not take that
+    # cluster's AWS node types for its own (it would refuse its local storage).
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cluster_config(tmp_path, "aws").rename(tmp_path / "ray_bootstrap_config.yaml")
+    joined = read_cluster_shape(joined=True)
+    assert [t.name for t in joined.launchable] == ["gpu_worker"] and joined.provider == "aws"
+    assert "ray up's" in joined.source
+    own = read_cluster_shape(joined=False)
+    assert own.node_types == () and own.provider is None
+    check_storage_reachable(own, str(tmp_path / "ray"))  # nothing to refuse
 
 
 def test_families_together_take_turns_and_keep_their_own_budgets():

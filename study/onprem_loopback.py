@@ -1,0 +1,429 @@
+"""ray_cluster_onprem.yaml on this machine: real SSH, real `ray up` / `ray down`, with
+loopback addresses standing in for the lab's machines.
+
+    python -m study.onprem_loopback up --dir runs/onprem     # sshd, DIR/cluster.yaml
+    ray up -y runs/onprem/cluster.yaml                       # head 127.0.0.2, worker 127.0.0.3
+    ray job submit --address http://127.0.0.1:PORT -- gmwae study run ... (printed by `up`)
+    ray down -y runs/onprem/cluster.yaml
+    python -m study.onprem_loopback down --dir runs/onprem   # sshd and leftovers, by pid
+
+`up` starts Debian's OpenSSH server on 127.0.0.2 and up (port 22: Ray's local provider
+has no port setting) with a key of its own in DIR, and writes DIR/cluster.yaml: the
+shipped on-premises file with the addresses, the login and the parts that differ when
+every "machine" is this one replaced:
+
+- the nodes run this checkout's venv (nothing to copy or install: no file_mounts, no
+  setup), each `ray start` with its own ports and temp folder;
+- `ray` on the nodes' PATH is DIR/bin/ray, which passes everything to Ray except
+  `ray stop`: Ray's stops every Ray process on the machine; this one stops the Ray of
+  the node the SSH session reached (SSH_CONNECTION names it) and, on the head, of the
+  whole cluster. So `ray down` stops this cluster, workers included, and leaves other
+  Ray clusters on the machine alone. (Ray's `ray down` of a local-provider cluster runs
+  `ray stop` on the head only; on one machine the workers' leftover processes, whose
+  command lines name the head's GCS address, made the next `ray up` fail: `ray start
+  --head` took them for a GCS already running there.)
+
+The head's start command is the shipped one's (v1 autoscaler: see the comment in
+ray_cluster_onprem.yaml). `ray up` leaves on the head what it leaves on any head:
+~/ray_bootstrap_config.yaml and ~/ray_bootstrap_key.pem, here in this machine's home;
+`down` restores whatever was there before.
+"""
+from __future__ import annotations
+
+import argparse
+import getpass
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from .local_cluster import ClusterError, free_port, node_ports
+
+__all__ = ["OnPremLoopback", "HEAD_IP", "SHIPPED_CONFIG"]
+
+SHIPPED_CONFIG = Path(__file__).resolve().parents[1] / "ray_cluster_onprem.yaml"
+HEAD_IP = "127.0.0.2"
+_PATH_ENV = "GMWAE_LOOPBACK_PATH"
+_BASHRC_MARK = "# gmwae onprem loopback (study/onprem_loopback.py)"
+_BOOTSTRAP = ("ray_bootstrap_config.yaml", "ray_bootstrap_key.pem")
+
+
+def _worker_ips(workers: int) -> list[str]:
+    return [f"127.0.0.{3 + i}" for i in range(workers)]
+
+
+@dataclass
+class LoopbackState:
+    root: str
+    cluster_name: str = ""
+    workers: int = 1
+    cpus_per_worker: float = 2
+    sshd_pid: int = 0
+    temp_root: str = ""
+    """Short folder under /tmp with one Ray temp folder per node (Ray's sockets live there)."""
+    gcs_port: int = 0
+    dashboard_port: int = 0
+    saved_bootstrap: dict = field(default_factory=dict)
+    """~/ray_bootstrap_* files that existed before `up` (name: content), put back by `down`."""
+
+
+class OnPremLoopback:
+    def __init__(self, root: str | Path, workers: int = 1, cpus_per_worker: float = 2):
+        self.root = Path(root).resolve()
+        if not 1 <= workers <= 8:
+            raise ClusterError(f"--workers must be 1..8 (127.0.0.3 to 127.0.0.10), got {workers}.")
+        name = "gmwae-onprem-" + hashlib.sha1(str(self.root).encode()).hexdigest()[:6]
+        self.state = LoopbackState(str(self.root), name, workers, cpus_per_worker)
+
+    # ------------------------------------------------------------------ paths
+    @property
+    def key(self) -> Path:
+        return self.root / "ssh" / "id_ed25519"
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "cluster.yaml"
+
+    @property
+    def bin_dir(self) -> Path:
+        return self.root / "bin"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.state.dashboard_port}"
+
+    @property
+    def ips(self) -> list[str]:
+        return [HEAD_IP, *_worker_ips(self.state.workers)]
+
+    def node_temp_dir(self, ip: str) -> str:
+        return f"{self.state.temp_root}/n{ip.rsplit('.', 1)[1]}"
+
+    def stores(self) -> dict[str, str]:
+        stores = self.root / "stores"
+        return {"optuna": f"sqlite:///{stores}/{{name}}/optuna.db",
+                "mlflow": f"sqlite:///{stores}/{{name}}/mlflow.db",
+                "ray": f"{stores}/{{name}}/ray"}
+
+    def study_sets(self) -> list[str]:
+        """`--set` arguments that put a study's stores in DIR/stores (absolute: the job's
+        driver runs in the head's folder, not yours)."""
+        return [f"storage.{k}={v}" for k, v in self.stores().items()]
+
+    # ------------------------------------------------------------------ up
+    def start(self) -> "OnPremLoopback":
+        if os.geteuid() != 0:
+            raise ClusterError("The loopback on-prem cluster starts an SSH server on port 22, "
+                               "which needs root. Run it as root (or in a container).")
+        for tool in ("/usr/sbin/sshd", "rsync", "ssh-keygen"):
+            if not shutil.which(tool):
+                raise ClusterError(f"{tool} is not installed; `ray up` of the local provider "
+                                   f"needs an SSH server and rsync. Install them with "
+                                   f"`apt-get install openssh-server rsync` (or `make sysdeps`).")
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "logs").mkdir(exist_ok=True)
+        self.state.temp_root = tempfile.mkdtemp(prefix="gop-", dir="/tmp")
+        try:
+            self._keys()
+            self._start_sshd()
+            self._write_ray_wrapper()
+            self._save_bootstrap()
+            self._auth_token()
+            self._bashrc(add=True)
+            self.state.gcs_port, self.state.dashboard_port = free_port(), free_port()
+            self.config_path.write_text(self._cluster_yaml())
+            self._save()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _keys(self) -> None:
+        ssh = self.root / "ssh"
+        ssh.mkdir(mode=0o700, exist_ok=True)
+        for path, comment in ((self.key, "ray up"), (ssh / "host_ed25519", "loopback sshd")):
+            if not path.exists():
+                subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment,
+                                "-f", str(path)], check=True, capture_output=True)
+        (ssh / "authorized_keys").write_text(self.key.with_suffix(".pub").read_text())
+
+    def _start_sshd(self) -> None:
+        ssh = self.root / "ssh"
+        listen = "\n".join(f"ListenAddress {ip}:22" for ip in self.ips)
+        (ssh / "sshd_config").write_text(
+            f"{listen}\nHostKey {ssh / 'host_ed25519'}\nPidFile {ssh / 'sshd.pid'}\n"
+            f"AuthorizedKeysFile {ssh / 'authorized_keys'}\nPermitRootLogin prohibit-password\n"
+            f"PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
+            f"StrictModes no\nMaxStartups 100\nMaxSessions 100\n"
+            f"SetEnv {_PATH_ENV}={self.bin_dir}:{Path(sys.executable).parent}\n")
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation dir
+        log = self.root / "logs" / "sshd.log"
+        # -D: stays in the foreground, so its pid is ours to stop; -e: log to the file
+        proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(ssh / "sshd_config")],
+                                stdout=open(log, "a"), stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        self.state.sshd_pid = proc.pid
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                tail = log.read_text(errors="replace")[-1500:]
+                raise ClusterError(f"sshd exited: {tail.strip()}. If port 22 is taken on these "
+                                   f"addresses (a system sshd listening on all of them), stop it "
+                                   f"or make it listen on 127.0.0.1 only: Ray's local provider "
+                                   f"connects on port 22.")
+            if all(_listening(ip, 22) for ip in self.ips):
+                return
+            time.sleep(0.2)
+        raise ClusterError(f"sshd did not listen on {', '.join(self.ips)}:22 within 20 s "
+                           f"(log: {log}).")
+
+    def _write_ray_wrapper(self) -> None:
+        self.bin_dir.mkdir(exist_ok=True)
+        wrapper = self.bin_dir / "ray"
+        venv_bin = Path(sys.executable).parent
+        wrapper.write_text(
+            "#!/bin/sh\n"
+            "# `ray` on the loopback nodes. `ray stop` stops the Ray of the node this SSH\n"
+            "# session reached only (every node is this machine); the rest is Ray's.\n"
+            f'if [ "$1" = stop ]; then exec {sys.executable} -m study.onprem_loopback '
+            f'stop-node --dir {self.root}; fi\n'
+            f'exec {venv_bin / "ray"} "$@"\n')
+        wrapper.chmod(0o755)
+
+    def _auth_token(self) -> None:
+        """Ray >= 2.59 authenticates every node and client with ~/.ray/auth_token (the shipped
+        file copies yours to the nodes; here every node is this machine and reads it)."""
+        if not (Path.home() / ".ray" / "auth_token").is_file():
+            subprocess.run([str(Path(sys.executable).parent / "ray"), "get-auth-token",
+                            "--generate"], check=True, capture_output=True)
+
+    def _bashrc(self, add: bool) -> None:
+        """The nodes' login shells find DIR/bin/ray, then this venv (gmwae, python: what the
+        shipped file's ~/venv/bin line gives): a line in ~/.bashrc that only sessions of this
+        sshd act on (it sets the variable; other shells skip the line)."""
+        path = Path.home() / ".bashrc"
+        lines = path.read_text().splitlines() if path.exists() else []
+        lines = [line for line in lines if _BASHRC_MARK not in line]
+        if add:
+            lines.append(f'[ -n "${_PATH_ENV}" ] && export PATH="${_PATH_ENV}:$PATH"  {_BASHRC_MARK}')
+        if lines or path.exists():
+            path.write_text("\n".join(lines) + ("\n" if lines else ""))
+
+    def _save_bootstrap(self) -> None:
+        for name in _BOOTSTRAP:
+            path = Path.home() / name
+            if path.is_file():
+                self.state.saved_bootstrap[name] = path.read_text()
+
+    def _cluster_yaml(self) -> str:
+        import yaml
+
+        config = yaml.safe_load(SHIPPED_CONFIG.read_text())
+        venv = Path(sys.executable).parent
+        ray = f"{venv / 'ray'}"
+        workers = _worker_ips(self.state.workers)
+        config.update({
+            "cluster_name": self.state.cluster_name,
+            "provider": {"type": "local", "head_ip": HEAD_IP, "worker_ips": workers},
+            "auth": {"ssh_user": getpass.getuser(), "ssh_private_key": str(self.key)},
+            "min_workers": len(workers), "max_workers": len(workers),
+            # this checkout's venv is already on every "machine": nothing to copy or install
+            "file_mounts": {}, "setup_commands": [], "head_setup_commands": [],
+            "worker_setup_commands": [],
+        })
+        shipped_head = config["head_start_ray_commands"][-1]
+        assert "RAY_enable_autoscaler_v2=0" in shipped_head, "the shipped head command changed"
+        config["head_start_ray_commands"] = [
+            f"{self.bin_dir / 'ray'} stop",
+            "export RAY_enable_autoscaler_v2=0 RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=token && "
+            f"ulimit -n 65536; {ray} start --head --port={self.state.gcs_port} "
+            f"--node-ip-address={HEAD_IP} --num-cpus=0 --num-gpus=0 "
+            f"--dashboard-host=127.0.0.1 --dashboard-port={self.state.dashboard_port} "
+            f"--ray-client-server-port={free_port()} --temp-dir={self.node_temp_dir(HEAD_IP)} "
+            f"{' '.join(node_ports(0))} --autoscaling-config=~/ray_bootstrap_config.yaml"]
+        # the workers share one start command: each picks its node's flags by the address
+        # the autoscaler's SSH session reached it on (SSH_CONNECTION's third field)
+        cases = " ".join(
+            f"{ip}) F='--node-ip-address={ip} --temp-dir={self.node_temp_dir(ip)} "
+            f"{' '.join(node_ports(i + 1))}';;" for i, ip in enumerate(workers))
+        config["worker_start_ray_commands"] = [
+            f"{self.bin_dir / 'ray'} stop",
+            f'case "$(echo $SSH_CONNECTION | cut -d" " -f3)" in {cases} esac; '
+            "export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=token && ulimit -n 65536; "
+            f"{ray} start --address=$RAY_HEAD_IP:{self.state.gcs_port} "
+            f"--num-cpus={self.state.cpus_per_worker:g} --num-gpus=0 $F"]
+        header = (f"# Written by `python -m study.onprem_loopback up --dir {self.root}` from\n"
+                  f"# {SHIPPED_CONFIG.name}: the same cluster with loopback addresses. Use:\n"
+                  f"#   ray up -y {self.config_path}\n#   ray down -y {self.config_path}\n")
+        return header + yaml.safe_dump(config, sort_keys=False, width=1000)
+
+    # ------------------------------------------------------------------ down
+    def node_processes(self, ip: Optional[str] = None) -> list:
+        """This cluster's Ray processes (one node's, with `ip`): those started with the
+        node's temp folder, and everything under them (trial workers, job drivers)."""
+        import psutil
+
+        folders = [self.node_temp_dir(ip)] if ip else [self.state.temp_root]
+        found = {}
+        for proc in psutil.process_iter(["cmdline"]):
+            cmd = " ".join(proc.info.get("cmdline") or [])
+            if any(f"{f}/" in cmd or cmd.endswith(f) for f in folders):
+                try:
+                    for p in [proc, *proc.children(recursive=True)]:
+                        found[p.pid] = p
+                except psutil.NoSuchProcess:
+                    pass
+        return list(found.values())
+
+    def stop_node(self, ip: Optional[str]) -> int:
+        """SIGTERM the node's Ray processes, SIGKILL what is left after 10 s; their count."""
+        import psutil
+
+        procs = self.node_processes(ip)
+        for p in procs:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=10)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        return len(procs)
+
+    def stop(self) -> dict:
+        """Everything `up` started or changed, undone: Ray processes left on the nodes
+        (`ray down` stops the head's only; Ray's workers would exit a minute later),
+        sshd, the ~/.bashrc line, the ~/ray_bootstrap_* files put back, Ray's state file
+        for the cluster. Returns what was found still running."""
+        left = {"ray_processes": self.stop_node(None) if self.state.temp_root else 0,
+                "sshd": False}
+        if self.state.sshd_pid:
+            try:
+                os.killpg(self.state.sshd_pid, signal.SIGTERM)
+                left["sshd"] = True
+            except ProcessLookupError:
+                pass
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and _pid_alive(self.state.sshd_pid):
+                time.sleep(0.1)
+            if _pid_alive(self.state.sshd_pid):
+                os.killpg(self.state.sshd_pid, signal.SIGKILL)
+        self._bashrc(add=False)
+        for name in _BOOTSTRAP:
+            path = Path.home() / name
+            if name in self.state.saved_bootstrap:
+                path.write_text(self.state.saved_bootstrap[name])
+            else:
+                path.unlink(missing_ok=True)
+        for suffix in ("state", "lock"):
+            Path(f"/tmp/ray/cluster-{self.state.cluster_name}.{suffix}").unlink(missing_ok=True)
+        if self.state.temp_root:
+            shutil.rmtree(self.state.temp_root, ignore_errors=True)
+        return left
+
+    # ------------------------------------------------------------------ state
+    def _save(self) -> None:
+        (self.root / "onprem.json").write_text(json.dumps(asdict(self.state), indent=2))
+
+    @classmethod
+    def load(cls, root: str | Path) -> "OnPremLoopback":
+        root = Path(root).resolve()
+        path = root / "onprem.json"
+        if not path.is_file():
+            raise ClusterError(f"No loopback on-prem cluster in {root} (no onprem.json). Start "
+                               f"one with `python -m study.onprem_loopback up --dir {root}`.")
+        self = cls(root)
+        self.state = LoopbackState(**json.loads(path.read_text()))
+        return self
+
+    def describe(self) -> str:
+        sets = " ".join(f"--set '{s}'" for s in self.study_sets())
+        return "\n".join([
+            f"sshd on {', '.join(self.ips)}:22 (pid {self.state.sshd_pid}); cluster file "
+            f"{self.config_path}",
+            f"  head {HEAD_IP} (0 CPUs), workers {', '.join(_worker_ips(self.state.workers))} "
+            f"({self.state.cpus_per_worker:g} CPUs each); jobs: {self.dashboard_url}",
+            "Bring it up, run a shipped spec on it, take it down:",
+            f"  ray up -y {self.config_path}",
+            f"  ray job submit --address {self.dashboard_url} -- gmwae study run "
+            f"{SHIPPED_CONFIG.parent / 'studies/smoke.yaml'} {sets}",
+            f"  ray down -y {self.config_path}",
+            f"  python -m study.onprem_loopback down --dir {self.root}"])
+
+
+def _listening(ip: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((ip, port)) == 0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped) is not running
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m study.onprem_loopback",
+                                description=__doc__.split("\n")[0])
+    p.add_argument("action", choices=["up", "down", "stop-node"],
+                   help="stop-node: what `ray stop` runs on a loopback node (DIR/bin/ray)")
+    p.add_argument("--dir", default="runs/onprem", help="folder for keys, logs, cluster.yaml")
+    p.add_argument("--workers", type=int, default=1, help="worker machines, from 127.0.0.3")
+    p.add_argument("--cpus-per-worker", type=float, default=2)
+    args = p.parse_args(argv)
+    try:
+        if args.action == "up":
+            if (Path(args.dir) / "onprem.json").exists():
+                print(f"error: {args.dir} already holds a loopback cluster; `down` it first or "
+                      f"use another --dir", file=sys.stderr)
+                return 2
+            print(OnPremLoopback(args.dir, args.workers, args.cpus_per_worker).start().describe())
+        elif args.action == "stop-node":
+            cluster = OnPremLoopback.load(args.dir)
+            fields = os.environ.get("SSH_CONNECTION", "").split()
+            ip = fields[2] if len(fields) == 4 else None
+            if ip not in cluster.ips:
+                print(f"error: `ray stop` on the loopback cluster runs on one of its nodes "
+                      f"({', '.join(cluster.ips)}) over SSH; SSH_CONNECTION is "
+                      f"{os.environ.get('SSH_CONNECTION')!r}", file=sys.stderr)
+                return 2
+            # the head's stop is the cluster's: `ray down` stops the head only (the local
+            # provider leaves workers to notice), and a worker's leftover processes carry
+            # --gcs-address=HEAD:PORT, which a later `ray start --head` on this machine
+            # takes for a GCS still running there ("already running") and refuses to start
+            which = None if ip == HEAD_IP else ip
+            print(f"Stopped {cluster.stop_node(which)} Ray processes of "
+                  f"{'the cluster (head and workers)' if which is None else f'node {ip}'}.")
+        else:
+            cluster = OnPremLoopback.load(args.dir)
+            left = cluster.stop()
+            shutil.rmtree(cluster.root, ignore_errors=True)
+            print(f"stopped sshd and {left['ray_processes']} Ray processes left running; "
+                  f"removed {cluster.root}")
+    except ClusterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""ray_cluster_onprem.yaml brought up for real: an OpenSSH server on loopback addresses,
+`ray up` / `ray down` of Ray's local provider (head 127.0.0.2, worker 127.0.0.3), the smoke
+study submitted as `python -m study.onprem_loopback up` prints it, a second `ray up` after
+`ray down`, and everything it started stopped by its ids afterwards."""
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from study.local_cluster import ray_auth_headers
+from study.onprem_loopback import HEAD_IP, SHIPPED_CONFIG, OnPremLoopback, _pid_alive
+from tests.conftest import ROOT
+
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+       "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+WORKER = "127.0.0.3"
+
+
+def run(*args, timeout=300, **kw):
+    return subprocess.run(args, capture_output=True, text=True, env=ENV, timeout=timeout,
+                          cwd=ROOT, **kw)
+
+
+def loopback(*args):
+    return run(sys.executable, "-m", "study.onprem_loopback", *args, timeout=120)
+
+
+def alive_ips(dashboard: str) -> set[str]:
+    request = urllib.request.Request(dashboard + "/nodes?view=summary", headers=ray_auth_headers())
+    with urllib.request.urlopen(request, timeout=5) as r:
+        nodes = json.loads(r.read())["data"]["summary"]
+    return {n["raylet"]["nodeManagerAddress"] for n in nodes
+            if n.get("raylet", {}).get("state") == "ALIVE"}
+
+
+def wait_for_nodes(dashboard: str, ips: set[str], timeout: float = 120) -> None:
+    deadline, seen = time.monotonic() + timeout, set()
+    while time.monotonic() < deadline:
+        try:
+            seen = alive_ips(dashboard)
+        except OSError:
+            seen = set()
+        if seen == ips:
+            return
+        time.sleep(1)
+    raise AssertionError(f"alive nodes {sorted(seen)} after {timeout:.0f} s, wanted {sorted(ips)}")
+
+
+@pytest.mark.slow  # sshd, two `ray up`s and a study: about three minutes
+def test_ray_up_of_the_onprem_form_over_ssh_runs_a_study_on_its_worker_and_ray_down_stops_it(
+        tmp_path):
+    home = Path.home()
+    bashrc_before = (home / ".bashrc").read_text() if (home / ".bashrc").exists() else None
+    folder = tmp_path / "onprem"
+    up = loopback("up", "--dir", str(folder))
+    assert up.returncode == 0, up.stderr
+    cluster = OnPremLoopback.load(folder)
+    try:
+        config = cluster.config_path
+        # What `up` wrote is the shipped file with loopback addresses, and Ray accepts it.
+        written = yaml.safe_load(config.read_text())
+        assert written["provider"] == {"type": "local", "head_ip": HEAD_IP,
+                                       "worker_ips": [WORKER]}
+        shipped = yaml.safe_load(SHIPPED_CONFIG.read_text())
+        assert written["idle_timeout_minutes"] == shipped["idle_timeout_minutes"]
+
+        for attempt in ("first", "second"):  # a second `ray up` after `ray down` failed before
+            done = run(str(BIN / "ray"), "up", "-y", str(config))
+            assert done.returncode == 0, f"{attempt} ray up:\n{done.stdout[-4000:]}"
+            wait_for_nodes(cluster.dashboard_url, {HEAD_IP, WORKER})
+            if attempt == "first":
+                submit = next(line.strip() for line in up.stdout.splitlines()
+                              if line.strip().startswith("ray job submit"))
+                # as printed, with 2 trials per family (the shipped smoke spec has 3)
+                job = run(*shlex.split(submit), "--set", "trials=2", timeout=600)
+                assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:]
+                assert re.search(rf"Ray cluster {HEAD_IP}:\d+ \(joined\): 2 node\(s\) running",
+                                 job.stdout)
+                stores = folder / "stores" / "smoke"
+                for family in ("gmwae", "gmvae"):
+                    trials = optuna.load_study(study_name=f"smoke/{family}",
+                                               storage=f"sqlite:///{stores}/optuna.db").trials
+                    assert len(trials) == 2
+                    assert all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
+                # every trial ran on the worker (the head has no CPU for trials)
+                results = list((stores / "ray").rglob("result.json"))
+                assert len(results) == 4
+                ips = {json.loads(line)["node_ip"] for path in results
+                       for line in path.read_text().splitlines()}
+                assert ips == {WORKER}
+            done = run(str(BIN / "ray"), "down", "-y", str(config))
+            assert done.returncode == 0, done.stdout[-4000:]
+            assert "Ray processes of the cluster (head and workers)" in done.stdout + done.stderr
+            assert cluster.node_processes() == []  # head and worker stopped by `ray down`
+    finally:
+        down = loopback("down", "--dir", str(folder))
+    assert down.returncode == 0, down.stderr
+    assert not _pid_alive(cluster.state.sshd_pid)
+    assert cluster.node_processes() == []
+    after = (home / ".bashrc").read_text() if (home / ".bashrc").exists() else None
+    assert after == bashrc_before
+    assert not (home / "ray_bootstrap_config.yaml").exists() or \
+        "ray_bootstrap_config.yaml" in cluster.state.saved_bootstrap
+    assert not Path(cluster.state.temp_root).exists() and not folder.exists()
+
+
+def test_the_shipped_onprem_file_passes_rays_checks_and_starts_the_v1_autoscaler():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = prepare_config(yaml.safe_load(SHIPPED_CONFIG.read_text()))
+    validate_config(config)
+    assert config["provider"]["type"] == "local"
+    node_type = config["available_node_types"]["local.cluster.node"]
+    assert node_type["min_workers"] == len(config["provider"]["worker_ips"])
+    head = " ".join(config["head_start_ray_commands"])
+    # v2 counts the head as one of the single node type's min_workers (no worker starts)
+    assert "RAY_enable_autoscaler_v2=0" in head and "--num-cpus=0" in head
+    assert "RAY_AUTH_MODE=token" in head and "RAY_AUTH_MODE=token" in " ".join(
+        config["worker_start_ray_commands"])
+    assert "~/.ray/auth_token" in config["file_mounts"]
+
+
+def test_stop_node_outside_an_ssh_session_and_a_missing_cluster_exit_2(tmp_path):
+    done = loopback("down", "--dir", str(tmp_path / "none"))
+    assert done.returncode == 2 and "No loopback on-prem cluster in" in done.stderr
+    assert "python -m study.onprem_loopback up --dir" in done.stderr
+    folder = tmp_path / "c"
+    folder.mkdir()
+    cluster = OnPremLoopback(folder)
+    cluster._save()
+    env = {k: v for k, v in ENV.items() if k != "SSH_CONNECTION"}
+    done = subprocess.run([sys.executable, "-m", "study.onprem_loopback", "stop-node", "--dir",
+                           str(folder)], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert done.returncode == 2 and "runs on one of its nodes" in done.stderr
+    bad = loopback("up", "--dir", str(tmp_path / "w"), "--workers", "0")
+    assert bad.returncode == 2 and "--workers must be 1..8" in bad.stderr
