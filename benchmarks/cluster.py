@@ -107,14 +107,14 @@ def autoscaled_run(cluster, name: str, mode: str, trials: int, steps: int) -> di
             "workers_launched": len(seen), "workers_removed": removed}
 
 
-def autoscaling(out: Path, trials: int, steps: int) -> dict:
+def autoscaling(out: Path, trials: int, steps: int, idle_minutes: float = 0.25) -> dict:
     from study.local_cluster import LocalCluster
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.monotonic()
         cluster = LocalCluster(Path(tmp) / "cluster", workers=2, cpus_per_worker=1,
                                autoscaling=True, gpus_per_worker=1,
-                               idle_timeout_minutes=0.25).start()
+                               idle_timeout_minutes=idle_minutes).start()
         startup_s = time.monotonic() - start
         try:
             runs = [autoscaled_run(cluster, f"util-{mode.replace('_', '-')}", mode, trials, steps)
@@ -142,12 +142,15 @@ def main(argv=None) -> int:
                    help="the static 3-node cluster vs plain local Ray (the older benchmark)")
     p.add_argument("--trials", type=int, default=8, help="autoscaling: trials per family")
     p.add_argument("--steps", type=int, default=150, help="autoscaling: steps per iteration")
-    p.add_argument("--smoke", action="store_true", help="autoscaling, 2 trials of 10 steps")
+    p.add_argument("--smoke", action="store_true",
+                   help="autoscaling, 2 trials of 10 steps, 6 s idle timeout")
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     if not args.static:
-        autoscaling(out, 2 if args.smoke else args.trials, 10 if args.smoke else args.steps)
+        # the smoke run's workers go after 6 s idle (the benchmark's after 15 s)
+        autoscaling(out, 2 if args.smoke else args.trials, 10 if args.smoke else args.steps,
+                    0.1 if args.smoke else 0.25)
         return 0
     from study.local_cluster import LocalCluster
 

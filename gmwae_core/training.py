@@ -97,7 +97,10 @@ class Trainer:
             raise ConfigError(f"`train.batch_size` must not exceed the {n_train} training images, "
                              f"but got {cfg.train.batch_size}. Lower it.")
         self.steps_per_epoch = n_train // cfg.train.batch_size
-        self.generator = torch.Generator(self.device).manual_seed(cfg.train.seed)
+        # The meta device (shapes only: tests check the step for device mixing and host
+        # synchronisation without a GPU) has no random generator; its sampling needs none.
+        self.generator = (None if self.device.type == "meta" else
+                          torch.Generator(self.device).manual_seed(cfg.train.seed))
         self.step = 0
         self.epoch = 0
         self.pretrained = False
@@ -167,6 +170,23 @@ class Trainer:
                                         self.prior.means, self.prior.sigma0 ** 2)
         return loss, terms, q_k_logits
 
+    def optimizer_step(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One step's computation on a batch: loss, backward, optimiser update. Nothing in
+        it reads a value back to the host, so it runs on the `meta` device (tests check it
+        there at the paper's shapes for device mixing and host synchronisation)."""
+        loss, terms, q_k_logits = self._loss(x)
+        self.optimizer.zero_grad(set_to_none=True)
+        with record_function("backward"):
+            loss.backward()
+        with record_function("optimizer"):
+            if self.step < self.cfg.train.warmup_steps:
+                for group in self.optimizer.param_groups:
+                    group["lr"] = self.cfg.train.lr * (self.step + 1) / self.cfg.train.warmup_steps
+            if self.cfg.train.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+            self.optimizer.step()
+        return terms, q_k_logits
+
     def train_steps(self, n: int,
                     on_step: Optional[Callable[[int], None]] = None) -> dict[str, float]:
         """Run up to `n` optimiser steps (fewer once the `train.minutes` budget is used).
@@ -184,17 +204,7 @@ class Trainer:
         q_k_sum = torch.zeros(K, device=self.device)
         done, start = 0, time.monotonic()
         while done < n and not self._out_of_time(start):
-            loss, terms, q_k_logits = self._loss(self._next_batch())
-            self.optimizer.zero_grad(set_to_none=True)
-            with record_function("backward"):
-                loss.backward()
-            with record_function("optimizer"):
-                if self.step < self.cfg.train.warmup_steps:
-                    for group in self.optimizer.param_groups:
-                        group["lr"] = self.cfg.train.lr * (self.step + 1) / self.cfg.train.warmup_steps
-                if self.cfg.train.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
-                self.optimizer.step()
+            terms, q_k_logits = self.optimizer_step(self._next_batch())
             self.step += 1
             done += 1
             with torch.no_grad():

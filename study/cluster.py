@@ -29,7 +29,8 @@ from ray import tune
 from .spec import SpecError
 
 __all__ = ["ClusterError", "NodeType", "ClusterShape", "read_cluster_shape", "check_trial_fits",
-           "CLUSTER_CONFIG_ENV", "format_resources", "check_storage_reachable", "NodeWait"]
+           "CLUSTER_CONFIG_ENV", "format_resources", "check_storage_reachable", "NodeWait",
+           "size_gpu_share"]
 
 CLUSTER_CONFIG_ENV = "GMWAE_CLUSTER_CONFIG"
 _SHOWN = ("CPU", "GPU")
@@ -372,3 +373,78 @@ class NodeWait(tune.Callback):
             print(f"waiting {waited:.0f} s for nodes: {pending} trial(s) pending, each asking "
                   f"{format_resources(self.bundle)}; {self.shape().describe()}",
                   file=sys.stderr, flush=True)
+
+
+class _HighEnd:
+    """An Optuna-like trial that answers every suggestion with its largest value: run
+    through a define-by-run space, it gives the space's widest configuration (memory grows
+    with each of K, batch size, samples and width)."""
+
+    def __init__(self):
+        self.params: dict[str, Any] = {}
+
+    def suggest_float(self, name, low, high, **_):
+        self.params[name] = high
+        return high
+
+    def suggest_int(self, name, low, high, **_):
+        self.params[name] = int(high)
+        return int(high)
+
+    def suggest_categorical(self, name, choices):
+        numeric = all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in choices)
+        self.params[name] = max(choices) if numeric else choices[0]
+        return self.params[name]
+
+
+def _sized(params: dict[str, Any]) -> str:
+    """The searched values a step's memory grows with."""
+    return ", ".join(f"{k}={params[k]:g}" for k in ("K", "batch_size", "num_samples",
+                                                    "decoder_width") if k in params)
+
+
+def size_gpu_share(spec) -> tuple[Any, list[str]]:
+    """GPU memory per trial, estimated from the configurations the study can try (its paper
+    point and the widest corner of its space, per family): lines that say so, and the spec
+    with `resources.gpu` raised to the share the widest trial needs when
+    `resources.gpu_memory_gb` is known. ClusterError when no single GPU holds it."""
+    import dataclasses
+
+    from gmwae_core.memory import GIB, gpu_share, step_memory
+    from search_spaces import SPACES, paper_point
+
+    res = spec.resources
+    if res.gpu <= 0:
+        return spec, []
+    lines, need, widest = [], 0.0, None
+    for family in spec.families:
+        probe = _HighEnd()
+        corner = SPACES[spec.space](probe, family)
+        small = step_memory(spec.run_config(family, paper_point(spec.space, family)))
+        big_cfg = spec.run_config(family, corner)
+        big = step_memory(big_cfg)
+        lines.append(f"GPU memory per trial (estimate, gmwae_core/memory.py): {family} "
+                     f"{small.gpu_bytes / GIB:.1f} GiB at the paper point, "
+                     f"{big.gpu_bytes / GIB:.1f} GiB at the space's widest "
+                     f"({_sized(corner) or 'nothing searched'})")
+        if res.gpu_memory_gb is not None:
+            share = gpu_share(big_cfg, res.gpu_memory_gb)
+            if share > need:
+                need, widest = share, (family, big, corner)
+    if res.gpu_memory_gb is None:
+        lines.append("  (set resources.gpu_memory_gb to the GPUs' memory to size each trial's "
+                     "share from it)")
+        return spec, lines
+    family, big, corner = widest
+    if need > 1.0:
+        raise ClusterError(
+            f"The widest {family} trial of space {spec.space!r} ({_sized(corner)}) needs about {big.describe()}, more than one GPU of "
+            f"resources.gpu_memory_gb = {res.gpu_memory_gb:g} GiB. Search a space with "
+            f"smaller K, batch_size or decoder_width, lower the samples per code (--set "
+            f"fixed.num_samples=1), or use GPUs with more memory.")
+    if need > res.gpu:
+        lines.append(f"  resources.gpu raised from {res.gpu:g} to {need:g}: the widest {family} "
+                     f"trial needs {big.gpu_bytes / GIB:.1f} GiB of a "
+                     f"{res.gpu_memory_gb:g} GiB GPU ({int(1 / need + 1e-9)} per GPU)")
+        spec = dataclasses.replace(spec, resources=dataclasses.replace(res, gpu=need))
+    return spec, lines

@@ -264,10 +264,14 @@ def run_study(spec: StudySpec, address: Optional[str] = None, verbose: int = 1,
 
     from search_spaces import SPACES, paper_point
 
+    from .cluster import size_gpu_share
     from .search import ITERATION, StudySearch, TrialLedger, plan_family, stale_runs_closed
     from .trainable import TrialSetup, train_trial
 
     spec = resolve_study_data(spec)
+    spec, gpu_lines = size_gpu_share(spec)  # before any store is written: a refusal loses nothing
+    for line in gpu_lines:
+        print(line, flush=True)
     storage = open_optuna_storage(spec.store("optuna"))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     plans = {f: plan_family(storage, f"{spec.name}/{f}", spec.trials) for f in spec.families}

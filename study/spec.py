@@ -67,12 +67,18 @@ class Resources:
     """CPUs per trial (1 on a 2-core machine runs two trials at once)."""
     gpu: float = 0.0
     """GPUs per trial; fractions share a GPU (0.25: four trials per GPU)."""
+    gpu_memory_gb: Optional[float] = None
+    """Memory of one GPU of the nodes that run trials (24 for an A10G, 80 for an H100):
+    with it, the widest trial's estimated need sizes `gpu` or refuses the study."""
 
     def __post_init__(self) -> None:
         if not self.cpu > 0:
             _fail("resources.cpu", "must be positive", self.cpu, "Use 1.")
         if self.gpu < 0:
             _fail("resources.gpu", "must be >= 0", self.gpu, "Use 0 on a CPU machine.")
+        if self.gpu_memory_gb is not None and not self.gpu_memory_gb > 0:
+            _fail("resources.gpu_memory_gb", "must be positive (GiB of one GPU)",
+                  self.gpu_memory_gb, "Use 24 for an A10G, 80 for an H100, or leave it out.")
 
 
 @dataclass(frozen=True)

@@ -127,3 +127,14 @@ def test_cluster_smoke_measures_both_family_modes_on_an_autoscaling_cluster(tmp_
         assert 0 < r["utilisation"] <= 1.0 + 1e-9
         assert r["workers_launched"] >= 1 and r["workers_removed"] == r["workers_launched"]
     assert "utilisation" in out and "together" in out
+
+
+def test_step_memory_smoke_measures_a_step_within_the_estimate(tmp_path):
+    out = run("step_memory.py", "--smoke", "--out", tmp_path / "m.json")
+    result = json.loads((tmp_path / "m.json").read_text())
+    assert {r["family"] for r in result["cpu_steps"]} == {"gmwae", "gmvae"}
+    for r in result["cpu_steps"]:
+        assert r["measured_bytes"] > 100 * 2**20  # a real step's peak, not noise
+        assert 0.7 < r["ratio"] < 1.3, r
+    assert {r["config"] for r in result["gpu_estimates"]} >= {"paper point (paper preset)"}
+    assert "measured MiB" in out and "GPU estimate" in out

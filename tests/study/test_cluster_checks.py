@@ -178,6 +178,43 @@ def test_a_ray_up_bootstrap_file_is_read_only_for_a_joined_cluster(tmp_path, ray
     check_storage_reachable(own, str(tmp_path / "ray"))  # nothing to refuse
 
 
+def test_the_widest_trials_gpu_memory_sizes_the_share_or_refuses_the_study(tmp_path):
+    from study.cluster import size_gpu_share
+
+    def with_sets(spec, *sets):
+        return spec_from_dict(apply_sets(spec.to_dict(), list(sets)))
+
+    spec = load_spec(ROOT / "studies/paper.yaml")  # space wide, gpu 0.25
+    same, lines = size_gpu_share(spec)  # GPU memory unknown: the estimate, said
+    assert same is spec and "gmwae 7.4 GiB at the paper point, 97.7 GiB at the space's " \
+        "widest (K=30, batch_size=256, decoder_width=128)" in lines[0]
+    assert "set resources.gpu_memory_gb" in lines[-1]
+    big = with_sets(spec, "resources.gpu_memory_gb=140")
+    sized, lines = size_gpu_share(big)
+    assert sized.resources.gpu == 0.7 and "raised from 0.25 to 0.7" in lines[-1]
+    with pytest.raises(ClusterError, match=r"The widest gmwae trial of space 'wide' \(K=30, "
+                                           r"batch_size=256, decoder_width=128\) needs about "
+                                           r"97\.7 GiB .*more than one GPU of "
+                                           r"resources.gpu_memory_gb = 80 GiB"):
+        size_gpu_share(with_sets(spec, "resources.gpu_memory_gb=80"))
+    cpu, lines = size_gpu_share(with_sets(spec, "resources.gpu=0"))
+    assert lines == []
+    with pytest.raises(SpecError, match="resources.gpu_memory_gb` must be positive"):
+        with_sets(spec, "resources.gpu_memory_gb=0")
+
+
+def test_a_study_whose_widest_trial_fits_no_gpu_exits_2_before_any_store(tmp_path):
+    done = subprocess.run([GMWAE, "study", "run", str(ROOT / "studies/paper.yaml"),
+                           "--set", "resources.gpu_memory_gb=24",
+                           "--set", f"storage.optuna=sqlite:///{tmp_path}/o.db",
+                           "--set", f"storage.mlflow=sqlite:///{tmp_path}/m.db",
+                           "--set", f"storage.ray={tmp_path}/ray"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "more than one GPU of resources.gpu_memory_gb = 24 GiB" in done.stderr
+    assert "Traceback" not in done.stderr and list(tmp_path.iterdir()) == []
+
+
 def test_families_together_take_turns_and_keep_their_own_budgets():
     from ray.tune.search import Searcher
 

@@ -1,0 +1,43 @@
+"""The step's memory estimate, and the training step at the paper's shapes on the `meta`
+device: no GPU here, but a tensor made on the wrong device or a value read back to the host
+inside the step fails there as it would slow or break a GPU run."""
+import pytest
+import torch
+
+from gmwae_core import Trainer, from_preset, load_splits
+from gmwae_core.memory import GIB, gpu_share, step_memory
+
+
+def paper(**over):
+    return from_preset("paper", {"dataset": "synthetic", "pretrain_steps": 0, **over},
+                       family=over.pop("family", "gmwae"))
+
+
+def test_the_estimate_grows_with_the_decoded_images_and_only_gmwae_pays_the_mmd():
+    base = step_memory(paper())
+    assert base.images == 128 * 10 * 5
+    wider = step_memory(paper(K=20))
+    assert wider.images == 2 * base.images
+    assert wider.mmd_bytes == pytest.approx(4 * base.mmd_bytes)  # (B K S)^2
+    assert wider.decoder_bytes == pytest.approx(2 * base.decoder_bytes)
+    vae = step_memory(from_preset("paper", {"dataset": "synthetic"}, family="gmvae"))
+    assert vae.mmd_bytes == 0 and vae.decoder_bytes == base.decoder_bytes
+    assert 5 * GIB < base.gpu_bytes < 10 * GIB  # the paper point: 7.4 GiB
+    assert gpu_share(paper(), 80) == 0.1 and gpu_share(paper(), 24) == 0.35
+    assert gpu_share(paper(K=30, batch_size=256), 80) > 1.0
+
+
+@pytest.mark.parametrize("family", ["gmwae", "gmvae"])
+def test_the_training_step_at_the_paper_shapes_runs_on_the_meta_device(family):
+    cfg = paper(family=family)
+    trainer = Trainer(cfg, load_splits(cfg.data), device=torch.device("meta"))
+    x = trainer._next_batch()
+    assert x.device.type == "meta" and x.shape[0] == cfg.train.batch_size
+    terms, q_k_logits = trainer.optimizer_step(x)
+    assert q_k_logits.shape == (128, 10) and q_k_logits.device.type == "meta"
+    assert all(v.device.type == "meta" for v in terms.values())
+    grads = [p.grad for p in trainer.model.parameters()]
+    assert all(g is not None and g.device.type == "meta" for g in grads)
+    # the guard is real: reading a value back to the host fails on this device
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        float(terms["loss"].detach())
