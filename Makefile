@@ -45,7 +45,7 @@ demo: venv
 	$(VENV)/bin/gmwae train --family gmwae --preset cpu --dataset digits --epochs 30 --out runs/demo-digits-gmwae
 
 test: venv sysdeps
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=30
 
 test-quick: venv sysdeps
 	$(PY) -m pytest -q -m "not slow"

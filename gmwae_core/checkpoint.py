@@ -22,9 +22,11 @@ from typing import Optional
 import torch
 
 from .config import ConfigError, RunConfig
+from .networks import GMLVM
 from .training import Trainer
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "read_config", "init_from"]
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "read_config", "init_from",
+           "load_model"]
 
 WEIGHTS = "weights.pt"
 TRAINER_STATE = "trainer_state.pt"
@@ -148,6 +150,20 @@ def load_checkpoint(directory: str | Path, trainer: Trainer, with_state: bool = 
     else:
         trainer.model.load_state_dict(weights)
     return json.loads((directory / METRICS).read_text())
+
+
+def load_model(directory: str | Path) -> tuple[RunConfig, GMLVM]:
+    """A checkpoint's network alone, on the CPU in eval mode: no data, no trainer (what an
+    exported model needs to assign images to clusters)."""
+    directory = Path(directory)
+    cfg = read_config(directory)
+    model = GMLVM(cfg.model)
+    try:
+        model.load_state_dict(_load_weights(directory / WEIGHTS))
+    except RuntimeError as e:
+        raise CheckpointError(f"Checkpoint {directory} does not fit its own config.json: "
+                              f"{str(e).splitlines()[0]}. Restore the folder from its export.") from None
+    return cfg, model.eval()
 
 
 def init_from(directory: str | Path, trainer: Trainer) -> None:

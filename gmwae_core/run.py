@@ -81,9 +81,12 @@ def train_run(cfg: RunConfig, out_dir: str | Path, init_from: Optional[str | Pat
     return metrics
 
 
-def evaluate_checkpoint(directory: str | Path, overrides: Optional[dict] = None
+def evaluate_checkpoint(directory: str | Path, overrides: Optional[dict] = None,
+                        assignments: Optional[str | Path] = None
                         ) -> tuple[dict[str, float], dict[str, float]]:
-    """Recompute a checkpoint's test metrics; returns (recomputed, saved).
+    """Recompute a checkpoint's test metrics; returns (recomputed, saved). With
+    `assignments`, also writes each test image's cluster (argmax q(k|x)) and label there
+    (CSV: index,cluster,label).
 
     `overrides` may change the data section only (dataset, data_dir, eval_size, ...).
     """
@@ -97,4 +100,9 @@ def evaluate_checkpoint(directory: str | Path, overrides: Optional[dict] = None
         cfg = cfg.replace(overrides)
     trainer = Trainer(cfg, load_splits(cfg.data))
     saved = load_checkpoint(directory, trainer, with_state=False)
-    return trainer.evaluate("test").metrics, saved
+    result = trainer.evaluate("test")
+    if assignments is not None:
+        clusters = result.q_k.argmax(1)
+        Path(assignments).write_text("index,cluster,label\n" + "".join(
+            f"{i},{k},{y}\n" for i, (k, y) in enumerate(zip(clusters, result.labels))))
+    return result.metrics, saved

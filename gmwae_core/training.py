@@ -234,6 +234,7 @@ class Trainer:
         row.update({k: float(v.detach()) for k, v in terms.items()})
         row["assignment_entropy"] = assignment_entropy(q_k)
         row["active_components"] = float(active_from_counts(batch_counts))
+        row["time"] = time.time()  # wall clock (s): when the step ran, for time axes
         self.history.append(row)
         self._check_finite(row)
 
@@ -330,7 +331,8 @@ class Trainer:
     def _history_keys(self) -> list[str]:
         terms = ["loss", "recon", "mmd"] if self.cfg.family == "gmwae" else [
             "loss", "recon", "kl_continuous", "kl_discrete"]
-        return ["step", *terms, "assignment_entropy", "active_components"]
+        # "time" last: a checkpoint written before it existed loads without it
+        return ["step", *terms, "assignment_entropy", "active_components", "time"]
 
     def _restore_generator(self, saved: torch.Tensor, device_code: Optional[torch.Tensor]) -> None:
         """The saved random stream when it comes from the same device type; otherwise (a

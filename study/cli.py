@@ -61,6 +61,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                    default=None, help="default: the checkpoint's dataset")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--json", dest="json_out", default=None, help="also write the metrics here")
+    p.add_argument("--assignments", default=None,
+                   help="write each test image's cluster here (CSV: index,cluster,label)")
     p.add_argument("--check", action="store_true",
                    help="exit 1 unless every saved test metric is reproduced exactly")
 
@@ -216,7 +218,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         overrides["dataset"] = args.dataset
     if args.data_dir:
         overrides["data_dir"] = args.data_dir
-    recomputed, saved = evaluate_checkpoint(args.checkpoint, overrides)
+    recomputed, saved = evaluate_checkpoint(args.checkpoint, overrides, args.assignments)
     print(f"{'metric':<26}{'recomputed':>12}{'saved':>12}")
     mismatched = []
     for key, value in recomputed.items():

@@ -10,6 +10,7 @@ written as confirm.md and confirm.json and logged to the parent run.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -102,7 +103,8 @@ def confirm_study(spec: StudySpec, seeds: int = 5, out: Optional[str | Path] = N
             tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent),
             run_config=tune.RunConfig(
                 name=f"{spec.name}-{family}-confirm", storage_path=ray_storage, verbose=verbose,
-                callbacks=[TrialLogger(tracker, family, spec.max_iterations, role="confirm")],
+                callbacks=[TrialLogger(tracker, family, spec.max_iterations, role="confirm",
+                                       run_config=functools.partial(spec.run_config, family))],
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
         results = tuner.fit()

@@ -26,11 +26,15 @@ from gmwae_core.config import ConfigError
 from .runner import StoreError, mask_url, open_optuna_storage, sqlite_file_missing
 from .spec import StudySpec
 
-__all__ = ["export_study", "ExportError", "chosen_trials", "registered_model_name"]
+__all__ = ["export_study", "ExportError", "chosen_trials", "registered_model_name", "CHAMPION"]
 
 
 class ExportError(ConfigError):
     """Nothing to export, or the export cannot be written where asked."""
+
+
+CHAMPION = "champion"
+"""The registry alias of each family's best exported version: models:/NAME-FAMILY@champion."""
 
 
 def registered_model_name(study: str, family: str) -> str:
@@ -123,6 +127,12 @@ def export_study(spec: StudySpec, out: str | Path, top: int = 1,
                 run_id = _child_run_id(client, experiment_id, family, trial.number)
                 row.update(_register(client, spec, family, trial, folder, run_id, versions))
                 rows.append(row)
+        for family, chosen in trials.items():  # each family's best: chosen[0], val acc first
+            best = next(r for r in rows if r["family"] == family
+                        and r["optuna_trial"] == chosen[0].number)
+            client.set_registered_model_alias(best["registered_model"], CHAMPION,
+                                              best["version"])
+            best["alias"] = CHAMPION
         (tmp / "export.json").write_text(json.dumps(
             {"study": spec.name, "top": top, "trials": rows}, indent=2, sort_keys=True))
         if out.exists():
@@ -167,11 +177,65 @@ def _export_trial(spec: StudySpec, family: str, trial, folder: Path) -> dict[str
     save_checkpoint(trainer, folder, metrics)
     write_figures(trainer, test, folder / "figures", split="test")
     (folder / "README.md").write_text(_model_card(spec, family, trial, cfg, metrics))
+    example = trainer.splits.test_x[:2].reshape(2, -1).cpu().numpy()
+    _save_mlflow_model(folder, example, f"{family} trial {trial.number}")
     return {"family": family, "optuna_trial": trial.number, "folder": folder.name,
             "tune_trial_id": trial.user_attrs.get("tune_trial_id"),
             "iteration": trial.user_attrs.get("best_iteration"),
             "params": dict(trial.params),
             "metrics": {k: v for k, v in metrics.items() if k.startswith(("val/", "test/"))}}
+
+
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+CHECKPOINT_FILES = ("weights.pt", "trainer_state.pt", "config.json", "metrics.json",
+                    "manifest.json")
+"""What the model's `checkpoint` artifact holds: the files the manifest checks."""
+
+
+def _save_mlflow_model(folder: Path, example, what: str) -> None:
+    """Make the export folder an MLflow Model too (MLmodel, the pyfunc's code, gmwae_core,
+    the checkpoint as its artifact, a signature and an input example), and check that it
+    loads and predicts here: a model whose packaged code cannot run is not exported."""
+    import mlflow
+    import numpy as np
+    import torch
+    from mlflow.models import ModelSignature, infer_signature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    import gmwae_core
+
+    with tempfile.TemporaryDirectory(prefix="gmwae-pyfunc-") as tmp:
+        checkpoint = Path(tmp) / "checkpoint"
+        checkpoint.mkdir()
+        for name in CHECKPOINT_FILES:
+            shutil.copy2(folder / name, checkpoint / name)
+        model_dir = Path(tmp) / "model"
+        inputs = Schema([TensorSpec(np.dtype(np.float32), (-1, 784))])
+        try:
+            mlflow.pyfunc.save_model(
+                str(model_dir), python_model=str(PYFUNC_CODE),
+                artifacts={"checkpoint": str(checkpoint)},
+                code_paths=[str(Path(gmwae_core.__file__).parent)],
+                signature=ModelSignature(inputs=inputs), input_example=example,
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                                  f"numpy=={np.__version__}", "pandas", "scipy", "scikit-learn",
+                                  f"mlflow=={mlflow.__version__}"])
+            loaded = mlflow.pyfunc.load_model(str(model_dir))
+            predicted = loaded.predict(example)
+        except Exception as e:  # noqa: BLE001 - any failure: the model would not serve
+            first = str(e).splitlines()[0].rstrip(".") if str(e) else ""
+            raise ExportError(f"The MLflow Model of {what} does not load or predict: "
+                              f"{type(e).__name__}: {first}. Nothing was registered.") from None
+        # the output schema from what the model really returns
+        signature = infer_signature(example, predicted)
+        signature = ModelSignature(inputs=inputs, outputs=signature.outputs)
+        from mlflow.models import Model
+
+        meta = Model.load(str(model_dir / "MLmodel"))
+        meta.signature = signature
+        meta.save(str(model_dir / "MLmodel"))
+        for item in model_dir.iterdir():
+            shutil.move(str(item), str(folder / item.name))
 
 
 @contextlib.contextmanager
@@ -209,8 +273,8 @@ def _register(client, spec: StudySpec, family: str, trial, folder: Path, run_id:
         client.create_registered_model(name, tags={"study": spec.name, "family": family},
                                        description=f"{family} models of study {spec.name}")
     if run_id is not None:
-        client.log_artifacts(run_id, str(folder), "export")
-        source = f"runs:/{run_id}/export"
+        client.log_artifacts(run_id, str(folder), "model")
+        source = f"runs:/{run_id}/model"
     else:
         source = folder.resolve().as_uri()
     metrics = json.loads((folder / "metrics.json").read_text())
@@ -219,7 +283,8 @@ def _register(client, spec: StudySpec, family: str, trial, folder: Path, run_id:
     tags.update({k: f"{v:.6g}" for k, v in metrics.items()
                  if k in ("val/cluster_acc", "test/cluster_acc", "test/nmi",
                           "test/active_components", "test/mmd") and math.isfinite(v)})
-    mv = client.create_model_version(name, source, run_id=run_id, tags=tags)
+    mv = client.create_model_version(name, source, run_id=run_id, tags=tags,
+                                     description=(folder / "README.md").read_text())
     versions.append((name, mv.version))
     return {"registered_model": name, "version": mv.version, "run_id": run_id, "source": source}
 
@@ -246,8 +311,13 @@ def _model_card(spec: StudySpec, family: str, trial, cfg, metrics: dict) -> str:
         v, t = metrics.get(f"val/{key}"), metrics.get(f"test/{key}")
         lines.append(f"| {key} | {'' if v is None else f'{v:.4f}'} | "
                      f"{'' if t is None else f'{t:.4f}'} |")
-    lines += ["", "## Use", "", "```python", "import torch",
-              "weights = torch.load('weights.pt', weights_only=True)", "```", "",
+    lines += ["", "## Use", "", "```python", "import mlflow",
+              f"model = mlflow.pyfunc.load_model('models:/{registered_model_name(spec.name, family)}"
+              f"@{CHAMPION}')  # or this folder",
+              "model.predict(images)  # float32 (N, 784) in [0, 1] -> cluster, q_k_*, z_*",
+              "import torch",
+              "weights = torch.load('weights.pt', weights_only=True)  # the plain weights", "```",
+              "",
               "`gmwae evaluate THIS_FOLDER --check` recomputes the test metrics and checks them.",
               "", "## Figures (test split)", ""]
     lines += [f"![{f}](figures/{f}.png)" for f in FIGURE_NAMES]

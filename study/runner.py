@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -282,7 +283,7 @@ def run_study(spec: StudySpec, address: Optional[str] = None, verbose: int = 1,
             f"Continue it with `gmwae study resume {spec.name}` (or `study run SPEC --resume`), "
             f"or start a new study with `--name NEW`.")
     tracker = _open_tracker(spec)
-    tracker.log_spec(spec.to_dict())
+    tracker.log_spec(spec.to_dict(), mask=mask_url)
     ray_storage = connect_ray(spec, address)
     summary: dict[str, Any] = {}
     parts: dict[str, dict[str, Any]] = {}  # per family still to run: searcher, scheduler, ...
@@ -290,6 +291,10 @@ def run_study(spec: StudySpec, address: Optional[str] = None, verbose: int = 1,
         plan = plans[family]
         study = optuna.create_study(study_name=plan.study_name, storage=storage,
                                     direction="maximize", load_if_exists=True)
+        if study.metric_names is None:  # optuna-dashboard and plots name the objective
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names([VAL_ACC])
         study.set_user_attr("spec", _comparable(spec.to_dict()))
         if plan.exists:
             stale_runs_closed(storage, plan.study_name, tracker.client, tracker.experiment_id,
@@ -310,7 +315,8 @@ def run_study(spec: StudySpec, address: Optional[str] = None, verbose: int = 1,
                                         reduction_factor=spec.scheduler.reduction_factor)
                           if spec.scheduler.type == "asha" else None),
             "callbacks": [TrialLedger(storage, plan.study_name, VAL_ACC),
-                          TrialLogger(tracker, family, spec.max_iterations)],
+                          TrialLogger(tracker, family, spec.max_iterations,
+                                      run_config=functools.partial(spec.run_config, family))],
             "setup": TrialSetup(spec, family)}
     if spec.run_families == "together" and len(parts) > 1:
         groups = [list(parts)]  # one Tune run: the cluster never idles between families
@@ -319,6 +325,8 @@ def run_study(spec: StudySpec, address: Optional[str] = None, verbose: int = 1,
     for group in groups:
         _run_group(spec, {f: parts[f] for f in group}, trainable or train_trial, ray_storage,
                    verbose)
+        for family in group:  # these families are done: their best on the parent run
+            _log_best(tracker, storage, plans[family].study_name, family)
     for family in spec.families:
         summary[family] = _best_from_optuna(
             optuna.load_study(study_name=plans[family].study_name, storage=storage), family)
@@ -397,6 +405,15 @@ def _family_trainable(fn: Callable, setup: Any) -> Callable:
 
     trial.__name__ = f"{setup.family}_trial"
     return trial
+
+
+def _log_best(tracker, storage, study_name: str, family: str) -> None:
+    import optuna
+
+    best = _best_from_optuna(optuna.load_study(study_name=study_name, storage=storage), family)
+    if "number" in best:
+        trial = optuna.load_study(study_name=study_name, storage=storage).trials[best["number"]]
+        tracker.log_family_best(family, best["number"], trial.user_attrs.get("best_iteration"))
 
 
 def _best_from_optuna(study, family: str) -> dict[str, Any]:

@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import math
 import subprocess
+import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
@@ -22,6 +23,10 @@ from ray import tune
 __all__ = ["StudyTracker", "TrialLogger", "git_sha", "VAL_ACC", "VAL_MMD", "VAL_ACTIVE"]
 
 VAL_ACC = "val/cluster_acc"
+# MLflow 3's experiment kind: its UI opens a model-training experiment in the runs view
+# (an untagged one in the GenAI view: traces, token usage).
+EXPERIMENT_KIND = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
 VAL_MMD = "val/mmd"
 VAL_ACTIVE = "val/active_components"
 TRACKED_PREFIXES = ("train/", "val/", "test/")
@@ -35,13 +40,37 @@ def git_sha() -> str:
         return "unknown"
 
 
+NOTE = "mlflow.note.content"
+"""A run's description in MLflow's UI."""
+
+
+def source_tags(sha: str) -> dict[str, str]:
+    """MLflow's own source tags: the UI's Source column shows the code and its commit."""
+    return {"mlflow.source.type": "LOCAL", "mlflow.source.name": "gmwae-studies",
+            "mlflow.source.git.commit": sha}
+
+
+def flat_config(cfg) -> dict[str, str]:
+    """A RunConfig as MLflow params: model.K, train.lr, data.dataset, family, ..."""
+    out = {}
+    for key, value in cfg.to_dict().items():
+        if isinstance(value, dict):
+            out.update({f"{key}.{k}": str(v) for k, v in value.items()})
+        else:
+            out[key] = str(value)
+    return out
+
+
 class StudyTracker:
     """The study's experiment and parent run in one tracking store."""
 
     def __init__(self, tracking_uri: str, study: str):
         self.client = MlflowClient(tracking_uri)
         exp = self.client.get_experiment_by_name(study)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(study)
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
+            study, tags={EXPERIMENT_KIND: MODEL_TRAINING})
+        if exp is not None and EXPERIMENT_KIND not in exp.tags:  # made before the tag existed
+            self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
         self.study = study
         parents = self.client.search_runs([self.experiment_id], "tags.role = 'study'",
                                           max_results=1)
@@ -50,20 +79,72 @@ class StudyTracker:
         else:
             self.parent_run_id = self.client.create_run(
                 self.experiment_id, run_name=study,
-                tags={"role": "study", "study": study, "git_sha": git_sha()}).info.run_id
+                tags={"role": "study", "study": study, "git_sha": git_sha(),
+                      **source_tags(git_sha())}).info.run_id
 
-    def log_spec(self, spec_dict: dict) -> None:
+    def log_spec(self, spec_dict: dict, mask: Callable[[str], str] = str) -> None:
+        """The spec as the parent run's artifact and params (`trials`, `fixed.batch_size`,
+        `storage.optuna` with any password masked, ...). A resumed study's params stay as
+        first logged (MLflow params are immutable); spec.json is the latest."""
         self.client.log_dict(self.parent_run_id, spec_dict, "spec.json")
+        flat: dict[str, str] = {}
+        for key, value in spec_dict.items():
+            if isinstance(value, dict):
+                flat.update({f"{key}.{k}": mask(str(v)) for k, v in value.items()})
+            else:
+                flat[key] = mask(",".join(map(str, value)) if isinstance(value, (list, tuple))
+                                 else str(value))
+        logged = self.client.get_run(self.parent_run_id).data.params
+        items = [Param(k, v[:6000]) for k, v in sorted(flat.items()) if k not in logged]
+        for i in range(0, len(items), 90):
+            self.client.log_batch(self.parent_run_id, params=items[i: i + 90])
+
+    def log_family_best(self, family: str, number: int, best_iteration: Optional[int]) -> None:
+        """On the parent run, a finished family's best trial: its validation metrics at its
+        best iteration as `best/{family}/val_cluster_acc`, ..., and its child run (tags and a
+        link in the parent's description)."""
+        runs = self.client.search_runs(
+            [self.experiment_id], f"tags.role = 'trial' and tags.family = '{family}' and "
+                                  f"tags.optuna_trial = '{number}'", max_results=1)
+        if not runs:
+            return
+        run = runs[0]
+        metrics = []
+        for key in sorted(k for k in run.data.metrics if k.startswith("val/")):
+            points = self.client.get_metric_history(run.info.run_id, key)
+            at = [m for m in points if m.step == best_iteration] or points[-1:]
+            if at:
+                name = f"best/{family}/{key.replace('/', '_')}"
+                metrics.append(Metric(name, at[0].value, int(1000 * time.time()), 0))
+        if metrics:
+            self.client.log_batch(self.parent_run_id, metrics=metrics)
+        link = f"#/experiments/{self.experiment_id}/runs/{run.info.run_id}"
+        self.client.set_tag(self.parent_run_id, f"best/{family}/run_id", run.info.run_id)
+        self.client.set_tag(self.parent_run_id, f"best/{family}/optuna_trial", str(number))
+        parent = self.client.get_run(self.parent_run_id)
+        note = parent.data.tags.get(NOTE, f"Study {self.study}: its trials are this run's "
+                                          f"children.")
+        lines = [line for line in note.splitlines() if not line.startswith(f"- best {family}:")]
+        acc = run.data.metrics.get("val/cluster_acc")
+        lines.append(f"- best {family}: [{run.info.run_name}]({link}) (Optuna trial {number}, "
+                     f"best at iteration {best_iteration}"
+                     + (f"; val/cluster_acc {acc:.3f} at its end" if acc is not None else "")
+                     + ")")
+        self.client.set_tag(self.parent_run_id, NOTE, "\n".join(lines))
 
 
 class TrialLogger(tune.Callback):
     """Mirrors one family's Tune trials into nested MLflow runs."""
 
     def __init__(self, tracker: StudyTracker, family: str, max_iterations: int,
-                 role: str = "trial"):
-        """role: "trial" (a search trial) or "confirm" (a re-training with a new seed)."""
+                 role: str = "trial", run_config: Optional[Callable[[dict], Any]] = None):
+        """role: "trial" (a search trial) or "confirm" (a re-training with a new seed).
+        run_config: a trial's params -> the RunConfig it runs with (every value of it is
+        logged as a param, `model.K`, `train.lr`, ..., beside the searched ones)."""
         self.tracker, self.family, self.max_iterations = tracker, family, max_iterations
         self.role = role
+        self.run_config = run_config
+        self.notes: dict[str, str] = {}
         self.run_ids: dict[str, str] = {}
         self.iterations: dict[str, int] = {}
         self.sha = git_sha()
@@ -82,9 +163,16 @@ class TrialLogger(tune.Callback):
             self.client.set_tag(run_id, "tune_trial_id", trial.trial_id)
             self.run_ids[trial.trial_id] = run_id
             return
+        searched = {k: v for k, v in sorted(trial.config.items()) if not k.startswith("_")}
+        note = (f"{self.family} {self.role} {number if number is not None else trial.trial_id} "
+                f"of study {self.tracker.study}: " + ", ".join(
+                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in searched.items()))
+        self.notes[trial.trial_id] = note
         tags = {"mlflow.parentRunId": self.tracker.parent_run_id, "role": self.role,
                 "family": self.family, "study": self.tracker.study,
-                "trial_id": trial.trial_id, "tune_trial_id": trial.trial_id, "git_sha": self.sha}
+                "trial_id": trial.trial_id, "tune_trial_id": trial.trial_id, "git_sha": self.sha,
+                NOTE: note, **source_tags(self.sha)}
         if number is not None:
             tags["optuna_trial"] = str(number)
         if self.role != "trial":
@@ -97,8 +185,12 @@ class TrialLogger(tune.Callback):
         run = self.client.create_run(self.tracker.experiment_id,
                                      run_name=f"{self.family}-{label}", tags=tags)
         self.run_ids[trial.trial_id] = run.info.run_id
-        self.client.log_batch(run.info.run_id, params=[
-            Param(k, str(v)) for k, v in sorted(trial.config.items()) if not k.startswith("_")])
+        params = {k: str(v) for k, v in searched.items()}
+        if self.run_config is not None:  # every value it runs with, preset and fixed ones too
+            params.update(flat_config(self.run_config(searched)))
+        items = [Param(k, v) for k, v in sorted(params.items())]
+        for i in range(0, len(items), 90):  # log_batch takes at most 100 params
+            self.client.log_batch(run.info.run_id, params=items[i: i + 90])
 
     def _existing_run(self, number) -> Optional[str]:
         if number is None:
@@ -131,6 +223,11 @@ class TrialLogger(tune.Callback):
                                                          done < self.max_iterations).lower())
         if reason:
             self.client.set_tag(run_id, "failure_reason", reason[-4000:])
+        outcome = (f"failed: {reason.strip().splitlines()[-1][:300]}" if reason else
+                   f"{status.lower()} after {done} of {self.max_iterations} iterations"
+                   + (" (stopped early by ASHA)" if status == "FINISHED" and
+                      done < self.max_iterations else ""))
+        self.client.set_tag(run_id, NOTE, f"{self.notes.get(trial.trial_id, '')}. {outcome}.")
         if trial.checkpoint is not None:
             with trial.checkpoint.as_directory() as folder:
                 figures = Path(folder) / "figures"
@@ -145,8 +242,12 @@ class TrialLogger(tune.Callback):
         history = folder / "history.json"
         if history.is_file():
             rows = json.loads(history.read_text())
-            metrics = [Metric(f"history/{k}", float(v), 0, int(row["step"])) for row in rows
-                       for k, v in row.items() if k != "step" and math.isfinite(float(v))]
+            now = int(1000 * time.time())  # rows of checkpoints older than the "time" column
+            metrics = [Metric(f"history/{k}", float(v),
+                              int(1000 * row["time"]) if math.isfinite(row.get("time", math.nan))
+                              else now, int(row["step"]))
+                       for row in rows for k, v in row.items()
+                       if k not in ("step", "time") and math.isfinite(float(v))]
             for i in range(0, len(metrics), 900):  # log_batch takes at most 1000 metrics
                 self.client.log_batch(run_id, metrics=metrics[i: i + 900])
         if (folder / "label_by_k.json").is_file():

@@ -56,6 +56,167 @@ def test_export_top_2_reloads_exactly_and_registers_versions(study):
     assert wae == sorted(wae, reverse=True)
 
 
+FRESH = """
+import json, sys
+import mlflow, numpy as np
+mlflow.set_tracking_uri(sys.argv[1])
+model = mlflow.pyfunc.load_model("models:/smoke-gmwae@champion")
+out = model.predict(np.load(sys.argv[2]))
+print(json.dumps({"clusters": out["cluster"].tolist(), "columns": list(out.columns)}))
+"""
+
+
+def test_the_champion_loads_and_serves_the_clusters_gmwae_evaluate_computes(study, tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    import numpy as np
+
+    from gmwae_core import load_splits, read_config
+    from study.local_cluster import free_port
+
+    spec, folder = study
+    index = json.loads((folder / "exported" / "export.json").read_text())
+    best = next(r for r in index["trials"] if r["family"] == "gmwae" and r.get("alias"))
+    client = client_of(folder)
+    champion = client.get_model_version_by_alias("smoke-gmwae", "champion")
+    assert champion.version == best["version"] and champion.description.startswith("# GM-WAE")
+    trial_dir = folder / "exported" / best["folder"]
+    assert (trial_dir / "MLmodel").is_file() and (trial_dir / "weights.pt").is_file()
+
+    done = gmwae("evaluate", trial_dir, "--assignments", tmp_path / "a.csv", cwd=folder)
+    assert done.returncode == 0, done.stderr[-2000:]
+    expected = [int(line.split(",")[1]) for line in
+                (tmp_path / "a.csv").read_text().splitlines()[1:]]
+    cfg = read_config(trial_dir)
+    images = load_splits(cfg.data).test_x.reshape(-1, 784).numpy()
+    assert len(images) == len(expected)
+    np.save(tmp_path / "x.npy", images)
+    uri = f"sqlite:///{folder}/mlflow.db"
+    # a fresh process, outside the repository, through the registry alias
+    fresh = subprocess.run([sys.executable, "-c", FRESH, uri, str(tmp_path / "x.npy")],
+                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    answer = json.loads(fresh.stdout.strip().splitlines()[-1])
+    assert answer["clusters"] == expected
+    assert answer["columns"][:2] == ["cluster", "q_k_0"] and f"z_{cfg.model.latent_dim - 1}" \
+        in answer["columns"]
+
+    # the same model served by MLflow's own server
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve",
+                               "-m", "models:/smoke-gmwae@champion", "--env-manager", "local",
+                               "-h", "127.0.0.1", "-p", str(port)], cwd=tmp_path,
+                              # as from an activated venv: MLflow starts `uvicorn` by name
+                              env={**os.environ, "MLFLOW_TRACKING_URI": uri,
+                                   "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+                              stdout=subprocess.DEVNULL, stderr=open(tmp_path / "serve.log", "w"))
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+                time.sleep(1)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", method="POST",
+            data=json.dumps({"inputs": images[:64].tolist()}).encode(),
+            headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as r:
+            served = json.loads(r.read())["predictions"]
+        assert [row["cluster"] for row in served] == expected[:64]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+    # bad input: a clear error naming the shape or the range and the fix
+    model = mlflow.pyfunc.load_model(str(trial_dir))  # the export folder, offline
+    with pytest.raises(Exception, match=r"shape \(N, 784\)|784"):
+        model.predict(np.zeros((2, 28, 28), np.float32))
+    with pytest.raises(Exception, match=r"pixel values in \[0, 1\].*Divide 8-bit images by 255"):
+        model.predict(np.full((2, 784), 255.0, np.float32))
+
+
+def test_mlflow_and_optuna_tools_see_a_training_experiment_and_a_named_objective(study):
+    import optuna
+
+    spec, folder = study
+    experiment = client_of(folder).get_experiment_by_name("smoke")
+    # MLflow 3's UI opens this kind in the runs view (untagged: the GenAI traces view)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    client = client_of(folder)
+    run = client.search_runs([experiment.experiment_id], "tags.role = 'trial'")[0]
+    history = client.get_metric_history(run.info.run_id, "history/loss")
+    # real wall-clock timestamps (ms): not 0 (1970 on the time axis), in step order
+    assert history and all(m.timestamp > 1_600_000_000_000 for m in history)
+    ordered = [m.timestamp for m in sorted(history, key=lambda m: m.step)]
+    assert ordered == sorted(ordered) and ordered[-1] > ordered[0]
+    assert "history/time" not in run.data.metrics
+    # every value the trial ran with: searched (bare), and the whole config (dotted)
+    params = run.data.params
+    assert params["model.decoder_width"] == "8" and params["train.batch_size"] == "32"
+    assert params["model.K"] == params["K"] and params["family"] == run.data.tags["family"]
+    assert run.data.tags["mlflow.source.git.commit"] == run.data.tags["git_sha"]
+    note = run.data.tags["mlflow.note.content"]
+    assert note.startswith(f"{run.data.tags['family']} trial ") and "K=" in note
+    assert "iterations" in note
+    parent = client.search_runs([experiment.experiment_id], "tags.role = 'study'")[0]
+    assert parent.data.params["space"] == "smoke" and parent.data.params["trials"] == "3"
+    assert parent.data.params["fixed.decoder_width"] == "8"
+    assert parent.data.params["storage.optuna"].startswith("sqlite:///")
+    for family in ("gmwae", "gmvae"):
+        loaded = optuna.load_study(study_name=f"smoke/{family}",
+                                   storage=f"sqlite:///{folder}/optuna.db")
+        assert loaded.metric_names == ["val/cluster_acc"]
+        best = max((t for t in loaded.trials if t.state.name == "COMPLETE"),
+                   key=lambda t: t.user_attrs["best_value"])
+        assert parent.data.metrics[f"best/{family}/val_cluster_acc"] == pytest.approx(
+            best.user_attrs["best_value"])
+        child = client.get_run(parent.data.tags[f"best/{family}/run_id"])
+        assert child.data.tags["optuna_trial"] == str(best.number)
+        assert child.info.run_id in parent.data.tags["mlflow.note.content"]
+
+
+def test_optuna_dashboard_serves_both_families_with_the_objectives_name(study, tmp_path):
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from study.local_cluster import free_port
+
+    spec, folder = study
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "optuna-dashboard"),
+                               f"sqlite:///{folder}/optuna.db", "--host", "127.0.0.1",
+                               "--port", str(port)], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                              stderr=open(tmp_path / "dashboard.log", "w"))
+    try:
+        deadline, studies = time.monotonic() + 60, None
+        while studies is None and time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as r:
+                    studies = json.loads(r.read())["study_summaries"]
+            except OSError:
+                assert server.poll() is None, (tmp_path / "dashboard.log").read_text()[-2000:]
+                time.sleep(0.5)
+        assert sorted(s["study_name"] for s in studies) == ["smoke/gmvae", "smoke/gmwae"]
+        for summary in studies:
+            url = f"http://127.0.0.1:{port}/api/studies/{summary['study_id']}"
+            with urllib.request.urlopen(url, timeout=10) as r:
+                detail = json.loads(r.read())
+            assert detail["objective_names"] == ["val/cluster_acc"]
+            assert len(detail["trials"]) == 3
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def test_export_refuses_bad_targets_and_writes_nothing(study):
     spec, folder = study
     busy = folder / "busy"
