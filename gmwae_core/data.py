@@ -6,6 +6,7 @@ as one tensor on the training device; batches are index draws (see training.py).
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import struct
 from dataclasses import dataclass
@@ -17,7 +18,8 @@ import torch
 
 from .config import DataConfig
 
-__all__ = ["DataError", "Splits", "load_splits", "read_idx", "find_idx_files", "DATA_DIR_ENV"]
+__all__ = ["DataError", "Splits", "load_splits", "read_idx", "find_idx_files", "DATA_DIR_ENV",
+           "describe_splits"]
 
 DATA_DIR_ENV = "GMWAE_DATA_DIR"
 IDX_FILES = {
@@ -200,3 +202,21 @@ def load_splits(cfg: DataConfig) -> Splits:
 
     return Splits(cfg.dataset, images(train_x[train]), labels(train_y[train]),
                   images(train_x[val]), labels(train_y[val]), images(test_x), labels(test_y))
+
+
+def describe_splits(cfg: DataConfig) -> dict:
+    """What a run trains and is scored on: the dataset's name, where it came from, the split
+    sizes and a digest of the split images and labels (the same digest means the same data
+    in the same train/validation split)."""
+    splits = load_splits(cfg)
+    digest = hashlib.sha256()
+    for which in ("train", "val", "test"):
+        for tensor in splits.split(which):
+            digest.update(tensor.numpy().tobytes())
+    folder = resolve_data_dir(cfg) if cfg.dataset in ("mnist", "fashion-mnist") else None
+    source = (str(folder.resolve()) if folder is not None else
+              "torchvision" if cfg.dataset in ("mnist", "fashion-mnist") else
+              "scikit-learn" if cfg.dataset == "digits" else "generated")
+    return {"name": cfg.dataset, "source": source, "digest": digest.hexdigest()[:20],
+            "sizes": {w: len(splits.split(w)[0]) for w in ("train", "val", "test")},
+            "split_seed": cfg.split_seed}

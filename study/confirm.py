@@ -81,6 +81,8 @@ def confirm_study(spec: StudySpec, seeds: int = 5, out: Optional[str | Path] = N
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     from ray import tune
 
+    from gmwae_core.data import describe_splits
+
     from .trainable import TrialSetup, train_trial
 
     seed_list = confirm_seeds(spec, seeds)
@@ -89,6 +91,7 @@ def confirm_study(spec: StudySpec, seeds: int = 5, out: Optional[str | Path] = N
     tracker = _open_tracker(spec)
     out = Path(out or Path("runs") / spec.name / "confirm")
     ray_storage = connect_ray(spec, address)
+    dataset = describe_splits(spec.run_config(spec.families[0], {}).data)
     batch = time.strftime("%Y%m%d-%H%M%S")
     table: dict[str, Any] = {"study": spec.name, "seeds_requested": seeds, "families": {},
                              "confirm_batch": batch}
@@ -104,7 +107,8 @@ def confirm_study(spec: StudySpec, seeds: int = 5, out: Optional[str | Path] = N
             run_config=tune.RunConfig(
                 name=f"{spec.name}-{family}-confirm", storage_path=ray_storage, verbose=verbose,
                 callbacks=[TrialLogger(tracker, family, spec.max_iterations, role="confirm",
-                                       run_config=functools.partial(spec.run_config, family))],
+                                       run_config=functools.partial(spec.run_config, family),
+                                       dataset=dataset)],
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
         results = tuner.fit()

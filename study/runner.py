@@ -265,7 +265,10 @@ def run_study(spec: StudySpec, address: Optional[str] = None, verbose: int = 1,
 
     from search_spaces import SPACES, paper_point
 
+    from gmwae_core.data import describe_splits
+
     from .cluster import size_gpu_share
+    from .tracking import log_dataset
     from .search import ITERATION, StudySearch, TrialLedger, plan_family, stale_runs_closed
     from .trainable import TrialSetup, train_trial
 
@@ -284,6 +287,8 @@ def run_study(spec: StudySpec, address: Optional[str] = None, verbose: int = 1,
             f"or start a new study with `--name NEW`.")
     tracker = _open_tracker(spec)
     tracker.log_spec(spec.to_dict(), mask=mask_url)
+    dataset = describe_splits(spec.run_config(spec.families[0], {}).data)
+    log_dataset(tracker.client, tracker.parent_run_id, dataset)
     ray_storage = connect_ray(spec, address)
     summary: dict[str, Any] = {}
     parts: dict[str, dict[str, Any]] = {}  # per family still to run: searcher, scheduler, ...
@@ -316,7 +321,8 @@ def run_study(spec: StudySpec, address: Optional[str] = None, verbose: int = 1,
                           if spec.scheduler.type == "asha" else None),
             "callbacks": [TrialLedger(storage, plan.study_name, VAL_ACC),
                           TrialLogger(tracker, family, spec.max_iterations,
-                                      run_config=functools.partial(spec.run_config, family))],
+                                      run_config=functools.partial(spec.run_config, family),
+                                      dataset=dataset)],
             "setup": TrialSetup(spec, family)}
     if spec.run_families == "together" and len(parts) > 1:
         groups = [list(parts)]  # one Tune run: the cluster never idles between families

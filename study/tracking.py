@@ -61,6 +61,20 @@ def flat_config(cfg) -> dict[str, str]:
     return out
 
 
+def log_dataset(client: MlflowClient, run_id: str, info: dict) -> None:
+    """The run's dataset (gmwae_core.data.describe_splits) as MLflow's own dataset input:
+    the UI's Dataset column and the run's Datasets section."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    dataset = Dataset(name=info["name"], digest=info["digest"], source_type="local",
+                      source=json.dumps({"uri": info["source"]}),
+                      schema=json.dumps({"images": "float32 (N, 1, 28, 28) in [0, 1]",
+                                         "labels": "int64 (N,)"}),
+                      profile=json.dumps({**info["sizes"], "split_seed": info["split_seed"]}))
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[
+        InputTag("mlflow.data.context", "train/val/test")])])
+
+
 class StudyTracker:
     """The study's experiment and parent run in one tracking store."""
 
@@ -137,13 +151,16 @@ class TrialLogger(tune.Callback):
     """Mirrors one family's Tune trials into nested MLflow runs."""
 
     def __init__(self, tracker: StudyTracker, family: str, max_iterations: int,
-                 role: str = "trial", run_config: Optional[Callable[[dict], Any]] = None):
+                 role: str = "trial", run_config: Optional[Callable[[dict], Any]] = None,
+                 dataset: Optional[dict] = None):
         """role: "trial" (a search trial) or "confirm" (a re-training with a new seed).
         run_config: a trial's params -> the RunConfig it runs with (every value of it is
-        logged as a param, `model.K`, `train.lr`, ..., beside the searched ones)."""
+        logged as a param, `model.K`, `train.lr`, ..., beside the searched ones).
+        dataset: describe_splits of the study's data, logged as every run's dataset."""
         self.tracker, self.family, self.max_iterations = tracker, family, max_iterations
         self.role = role
         self.run_config = run_config
+        self.dataset = dataset
         self.notes: dict[str, str] = {}
         self.run_ids: dict[str, str] = {}
         self.iterations: dict[str, int] = {}
@@ -191,6 +208,8 @@ class TrialLogger(tune.Callback):
         items = [Param(k, v) for k, v in sorted(params.items())]
         for i in range(0, len(items), 90):  # log_batch takes at most 100 params
             self.client.log_batch(run.info.run_id, params=items[i: i + 90])
+        if self.dataset is not None:
+            log_dataset(self.client, run.info.run_id, self.dataset)
 
     def _existing_run(self, number) -> Optional[str]:
         if number is None:

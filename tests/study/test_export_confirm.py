@@ -7,6 +7,7 @@ import mlflow
 import pytest
 import torch
 
+from study.spec import load_spec
 from tests.conftest import gmwae
 
 
@@ -165,6 +166,14 @@ def test_mlflow_and_optuna_tools_see_a_training_experiment_and_a_named_objective
     note = run.data.tags["mlflow.note.content"]
     assert note.startswith(f"{run.data.tags['family']} trial ") and "K=" in note
     assert "iterations" in note
+    # the dataset, as MLflow's own input: name, digest, split sizes
+    from gmwae_core.data import describe_splits
+
+    expected = describe_splits(load_spec(spec).run_config("gmwae", {}).data)
+    inputs = run.inputs.dataset_inputs
+    assert [(i.dataset.name, i.dataset.digest) for i in inputs] == [("synthetic",
+                                                                      expected["digest"])]
+    assert json.loads(inputs[0].dataset.profile)["test"] == expected["sizes"]["test"]
     parent = client.search_runs([experiment.experiment_id], "tags.role = 'study'")[0]
     assert parent.data.params["space"] == "smoke" and parent.data.params["trials"] == "3"
     assert parent.data.params["fixed.decoder_width"] == "8"
