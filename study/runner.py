@@ -416,9 +416,10 @@ def _family_trainable(fn: Callable, setup: Any) -> Callable:
 def _log_best(tracker, storage, study_name: str, family: str) -> None:
     import optuna
 
-    best = _best_from_optuna(optuna.load_study(study_name=study_name, storage=storage), family)
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    best = _best_from_optuna(study, family)
     if "number" in best:
-        trial = optuna.load_study(study_name=study_name, storage=storage).trials[best["number"]]
+        trial = study.trials[best["number"]]
         tracker.log_family_best(family, best["number"], trial.user_attrs.get("best_iteration"))
 
 

@@ -50,15 +50,22 @@ def source_tags(sha: str) -> dict[str, str]:
             "mlflow.source.git.commit": sha}
 
 
+def flat_params(d: dict, mask: Callable[[str], str] = str) -> dict[str, str]:
+    """A config or spec dict as MLflow params, one level of nesting dotted (model.K,
+    storage.optuna, ...), lists comma-joined, every value through `mask`."""
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update({f"{key}.{k}": mask(str(v)) for k, v in value.items()})
+        else:
+            out[key] = mask(",".join(map(str, value)) if isinstance(value, (list, tuple))
+                            else str(value))
+    return out
+
+
 def flat_config(cfg) -> dict[str, str]:
     """A RunConfig as MLflow params: model.K, train.lr, data.dataset, family, ..."""
-    out = {}
-    for key, value in cfg.to_dict().items():
-        if isinstance(value, dict):
-            out.update({f"{key}.{k}": str(v) for k, v in value.items()})
-        else:
-            out[key] = str(value)
-    return out
+    return flat_params(cfg.to_dict())
 
 
 def log_dataset(client: MlflowClient, run_id: str, info: dict) -> None:
@@ -101,13 +108,7 @@ class StudyTracker:
         `storage.optuna` with any password masked, ...). A resumed study's params stay as
         first logged (MLflow params are immutable); spec.json is the latest."""
         self.client.log_dict(self.parent_run_id, spec_dict, "spec.json")
-        flat: dict[str, str] = {}
-        for key, value in spec_dict.items():
-            if isinstance(value, dict):
-                flat.update({f"{key}.{k}": mask(str(v)) for k, v in value.items()})
-            else:
-                flat[key] = mask(",".join(map(str, value)) if isinstance(value, (list, tuple))
-                                 else str(value))
+        flat = flat_params(spec_dict, mask)
         logged = self.client.get_run(self.parent_run_id).data.params
         items = [Param(k, v[:6000]) for k, v in sorted(flat.items()) if k not in logged]
         for i in range(0, len(items), 90):
