@@ -138,3 +138,19 @@ def test_step_memory_smoke_measures_a_step_within_the_estimate(tmp_path):
         assert 0.7 < r["ratio"] < 1.3, r
     assert {r["config"] for r in result["gpu_estimates"]} >= {"paper point (paper preset)"}
     assert "measured MiB" in out and "GPU estimate" in out
+
+
+def test_gpu_check_smoke_runs_every_section_on_the_cpu(tmp_path):
+    """The GPU check's sections run end to end (CPU, tiny shapes); the committed H200 result
+    has each section's numbers."""
+    out = run("gpu_check.py", "--smoke", "--out", tmp_path / "g.json")
+    result = json.loads((tmp_path / "g.json").read_text())
+    for section in ("memory", "syncs", "speed", "training"):
+        assert isinstance(result[section], list) and result[section], (section, result[section])
+    assert {r["family"] for r in result["training"]} == {"gmwae", "gmvae"}
+    assert all(r["epochs"] and 0 <= r["test"]["test/cluster_acc"] <= 1 for r in result["training"])
+    assert any("steps_per_s" in r for r in result["speed"])
+    assert "est step GiB" in out
+    h200 = json.loads((ROOT / "benchmarks/results/gpu_check_h200.json").read_text())
+    assert h200["info"]["device"] == "NVIDIA H200"
+    assert all(0.5 < r["measured/estimated"] <= 1.0 for r in h200["memory"])  # estimates hold

@@ -1,0 +1,256 @@
+"""What gmwae_core does on a real GPU, in one short run (for a lent GPU machine).
+
+    python benchmarks/gpu_check.py --data-dir DIR --out gpu_check.json   # ~6 min, H100/H200
+    python benchmarks/gpu_check.py --smoke --out /tmp/gpu_check.json    # CPU, seconds
+
+Needs only gmwae_core's own dependencies (torch, numpy, scikit-learn, scipy): a GPU
+machine without Ray, Optuna or MLflow runs it.
+
+1. memory: one optimiser step per configuration; the step's peak of allocated CUDA memory
+   (torch.cuda.max_memory_allocated above what was allocated before it) against
+   gmwae_core.memory's estimate of the step's tensors, and the whole process's reserved
+   memory against its GPU estimate (x1.25 + the CUDA context);
+2. synchronisation: host synchronisations counted with torch.cuda.set_sync_debug_mode, in
+   one optimizer_step and in train_steps (which records history), with the gmwae_core
+   line that caused each;
+3. speed: steps per second of the paper preset per family: fp32 (TF32 matmuls, as the
+   Trainer sets them), the decoder alone under bf16 autocast (its output back to fp32 for
+   the loss and the MMD), and the whole step under bf16 autocast;
+4. training: the paper preset on MNIST (standard 60k/10k split, Hungarian accuracy) for a
+   wall-clock budget per family: validation accuracy and active modes per epoch, the
+   epoch's time, and the test metrics at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import json
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gmwae_core import Trainer, from_preset, load_splits  # noqa: E402
+from gmwae_core.memory import GIB, step_memory  # noqa: E402
+
+# (label, family, overrides on the paper preset)
+MEMORY = [("paper gmwae", "gmwae", {}), ("paper gmvae", "gmvae", {}),
+          ("K=20 S=5 B=128 gmwae", "gmwae", {"K": 20}),
+          ("K=20 B=256 gmwae", "gmwae", {"K": 20, "batch_size": 256}),
+          ("w=256 B=256 gmvae", "gmvae", {"decoder_width": 256, "batch_size": 256})]
+SMOKE_MEMORY = MEMORY[:2]
+
+
+def _base(family: str, overrides: dict, smoke: bool, dataset: str = "synthetic",
+          data_dir: str | None = None):
+    extra = {"dataset": dataset, **overrides}
+    if data_dir:
+        extra["data_dir"] = data_dir
+    if smoke:
+        extra.update({"decoder_width": 8, "batch_size": 16, "num_samples": 2, "device": "cpu",
+                      "pretrain_steps": 5, "eval_size": 200})
+    return from_preset("paper", extra, family=family)
+
+
+def memory_rows(smoke: bool) -> list[dict]:
+    rows = []
+    for label, family, overrides in (SMOKE_MEMORY if smoke else MEMORY):
+        cfg = _base(family, {**overrides, "pretrain_steps": 0}, smoke)
+        est = step_memory(cfg)
+        row = {"config": label, "family": family, "images": est.images,
+               "estimated_step_gib": est.tensor_bytes / GIB, "estimated_gpu_gib": est.gpu_bytes / GIB}
+        trainer = Trainer(cfg, load_splits(cfg.data))
+        batch = trainer._next_batch()
+        if trainer.device.type == "cuda":
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            trainer.optimizer_step(batch)
+            torch.cuda.synchronize()
+            row["measured_step_gib"] = (torch.cuda.max_memory_allocated() - before) / GIB
+            row["reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
+            row["measured/estimated"] = row["measured_step_gib"] / row["estimated_step_gib"]
+        else:
+            trainer.optimizer_step(batch)
+        rows.append(row)
+        del trainer, batch
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return rows
+
+
+@contextlib.contextmanager
+def _syncs(out: list[str]):
+    """Collect each host synchronisation's gmwae_core line (CUDA only)."""
+    if not torch.cuda.is_available():
+        yield
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        where = next((f"{Path(f.filename).name}:{f.lineno} {f.function}"
+                      for f in inspect.stack()[1:] if "gmwae_core" in f.filename), filename)
+        out.append(where)
+
+    saved = warnings.showwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            warnings.showwarning = saved
+
+
+def sync_rows(smoke: bool) -> list[dict]:
+    rows = []
+    for family in ("gmwae", "gmvae"):
+        cfg = _base(family, {"pretrain_steps": 0, "history_every": 5}, smoke)
+        trainer = Trainer(cfg, load_splits(cfg.data))
+        trainer.train_steps(3)  # warm: cuBLAS handles, allocator
+        batch = trainer._next_batch()
+        step: list[str] = []
+        with _syncs(step):
+            trainer.optimizer_step(batch)
+        loop: list[str] = []
+        with _syncs(loop):
+            trainer.train_steps(10)
+        rows.append({"family": family, "optimizer_step_syncs": len(step),
+                     "optimizer_step_where": sorted(set(step)),
+                     "train_steps_10_syncs": len(loop), "train_steps_where": sorted(set(loop))})
+    return rows
+
+
+def speed_rows(smoke: bool, steps: int) -> list[dict]:
+    rows = []
+    cuda = torch.cuda.is_available() and not smoke
+    for family in ("gmwae", "gmvae"):
+        for mode in ("fp32", "bf16 decoder", "bf16 step"):
+            cfg = _base(family, {"pretrain_steps": 0}, smoke)
+            trainer = Trainer(cfg, load_splits(cfg.data))
+            cast = (torch.autocast(trainer.device.type, dtype=torch.bfloat16)
+                    if mode == "bf16 step" else contextlib.nullcontext())
+            if mode == "bf16 decoder":  # the networks' hot path only; the loss stays fp32
+                decoder, kind = trainer._decode, trainer.device.type
+
+                def bf16_decode(z, decoder=decoder, kind=kind):
+                    with torch.autocast(kind, dtype=torch.bfloat16):
+                        return decoder(z).float()
+                trainer._decode = bf16_decode
+            row = {"family": family, "mode": mode, "batch": cfg.train.batch_size}
+            try:
+                with cast:
+                    for _ in range(5):
+                        trainer.optimizer_step(trainer._next_batch())
+                    if cuda:
+                        torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    for _ in range(steps):
+                        terms, _ = trainer.optimizer_step(trainer._next_batch())
+                    loss = float(terms["loss"].detach()) if "loss" in terms else None
+                    if cuda:
+                        torch.cuda.synchronize()
+                row["steps_per_s"] = steps / (time.perf_counter() - start)
+                row["images_per_s"] = row["steps_per_s"] * cfg.train.batch_size
+                row["finite_loss"] = loss is None or loss == loss
+            except Exception as e:  # noqa: BLE001 - report, go on with the next mode
+                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            rows.append(row)
+    return rows
+
+
+def training_rows(smoke: bool, data_dir: str | None, seconds: dict[str, float]) -> list[dict]:
+    out = []
+    for family, budget in seconds.items():
+        cfg = _base(family, {"epochs": 1000, "minutes": budget / 60.0}, smoke,
+                    dataset="synthetic" if smoke else "mnist", data_dir=data_dir)
+        trainer = Trainer(cfg, load_splits(cfg.data))
+        start = time.monotonic()
+        trainer.pretrain()
+        if trainer.device.type == "cuda":
+            torch.cuda.synchronize()
+        pretrain_s = time.monotonic() - start
+        epochs = []
+        while not trainer.budget_exhausted:
+            t0 = time.monotonic()
+            train = trainer.train_epoch()
+            t1 = time.monotonic()
+            val = trainer.evaluate("val").metrics
+            epochs.append({"epoch": trainer.epoch, "step": trainer.step,
+                           "epoch_seconds": t1 - t0, "eval_seconds": time.monotonic() - t1,
+                           "val/cluster_acc": val["val/cluster_acc"],
+                           "val/active_components": val["val/active_components"],
+                           "train/loss": train.get("train/loss")})
+            print(f"  {family} epoch {trainer.epoch:3d}  {t1 - t0:6.2f} s  val acc "
+                  f"{val['val/cluster_acc']:.3f}  active {val['val/active_components']:.0f}",
+                  flush=True)
+        test = trainer.evaluate("test").metrics
+        out.append({"family": family, "budget_seconds": budget, "pretrain_steps":
+                    cfg.train.pretrain_steps, "pretrain_seconds": pretrain_s,
+                    "steps_per_epoch": trainer.steps_per_epoch, "epochs": epochs,
+                    "test": {k: v for k, v in test.items() if isinstance(v, float)}})
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--data-dir", default=None, help="MNIST's IDX files (default: $GMWAE_DATA_DIR)")
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, seconds")
+    p.add_argument("--train-seconds", type=float, nargs=2, default=(150.0, 60.0),
+                   metavar=("GMWAE", "GMVAE"), help="training budget per family")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    info = {"torch": torch.__version__, "python": platform.python_version(),
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "smoke": args.smoke}
+    print(json.dumps(info), flush=True)
+    result = {"info": info}
+    sections = [("memory", lambda: memory_rows(args.smoke)),
+                ("syncs", lambda: sync_rows(args.smoke)),
+                ("speed", lambda: speed_rows(args.smoke, 10 if args.smoke else 100)),
+                ("training", lambda: training_rows(
+                    args.smoke, args.data_dir,
+                    {"gmwae": 3.0, "gmvae": 2.0} if args.smoke
+                    else dict(zip(("gmwae", "gmvae"), args.train_seconds))))]
+    for name, run in sections:
+        start = time.monotonic()
+        try:
+            result[name] = run()
+        except Exception as e:  # noqa: BLE001 - one section failing must not lose the others
+            result[name] = {"error": f"{type(e).__name__}: {e}"}
+        print(f"[{name}: {time.monotonic() - start:.0f} s] {json.dumps(result[name])[:3000]}",
+              flush=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    _table(result)
+    return 0
+
+
+def _table(result: dict) -> None:
+    print(f"\n{'memory':<24}{'images':>8}{'est step GiB':>14}{'meas GiB':>10}{'ratio':>7}"
+          f"{'reserved':>10}{'est GPU':>9}")
+    for r in result.get("memory", []) if isinstance(result.get("memory"), list) else []:
+        print(f"{r['config']:<24}{r['images']:>8}{r['estimated_step_gib']:>14.2f}"
+              f"{r.get('measured_step_gib', float('nan')):>10.2f}"
+              f"{r.get('measured/estimated', float('nan')):>7.2f}"
+              f"{r.get('reserved_gib', float('nan')):>10.2f}{r['estimated_gpu_gib']:>9.2f}")
+    for r in result.get("speed", []) if isinstance(result.get("speed"), list) else []:
+        print(f"speed {r['family']} {r['mode']:<14} {r.get('steps_per_s', float('nan')):8.1f} "
+              f"steps/s {r.get('error', '')}")
+    for r in result.get("training", []) if isinstance(result.get("training"), list) else []:
+        last = r["epochs"][-1] if r["epochs"] else {}
+        print(f"train {r['family']}: {len(r['epochs'])} epochs, "
+              f"{sum(e['epoch_seconds'] for e in r['epochs']) / max(1, len(r['epochs'])):.2f} s/epoch, "
+              f"last val acc {last.get('val/cluster_acc', float('nan')):.3f}, test acc "
+              f"{r['test'].get('test/cluster_acc', float('nan')):.3f}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
