@@ -23,7 +23,8 @@ from torch.profiler import record_function
 
 from .config import ConfigError, RunConfig
 from .data import Splits
-from .metrics import active_from_counts, assignment_entropy, clustering_metrics, label_by_k
+from .metrics import (active_from_counts, assignment_entropy, clustering_metrics, label_by_k,
+                      majority_labels)
 from .networks import GMLVM
 from .objectives import (kl_categorical_uniform, kl_diag_gaussians, moment_matching_loss,
                          vae_objective, wae_objective, weighted_mmd)
@@ -281,12 +282,22 @@ class Trainer:
         n = len(x_all)
         q_k_all = torch.cat(q_ks).cpu().double().numpy()
         labels = y_all.cpu().numpy()
-        metrics = clustering_metrics(labels, q_k_all)
+        # many-to-one accuracy: the map is fitted on validation, also when scoring test
+        k_to_label = None if split == "val" else self._majority_labels_on_val()
+        metrics = clustering_metrics(labels, q_k_all, k_to_label)
         metrics.update({"mmd": self._held_out_mmd(x_all), "recon_mse": sq_err / n,
                         "kl_discrete": kl_d / n, "kl_continuous": kl_c / n})
         matrix = label_by_k(labels, q_k_all, max(int(labels.max()) + 1, self.splits.num_classes))
         return EvalResult({f"{split}/{k}": float(v) for k, v in metrics.items()}, q_k_all,
                           labels, matrix)
+
+    @torch.no_grad()
+    def _majority_labels_on_val(self) -> np.ndarray:
+        """Each k's majority label among the validation images whose argmax q(k|x) is k."""
+        x_all, y_all = self._eval_subset("val")
+        clusters = torch.cat([self.model.encode(x_all[i: i + EVAL_BATCH])[0].argmax(-1)
+                              for i in range(0, len(x_all), EVAL_BATCH)])
+        return majority_labels(y_all.cpu().numpy(), clusters.cpu().numpy(), self.cfg.model.K)
 
     def _held_out_mmd(self, x_all: torch.Tensor) -> float:
         """MMD(q(z) || p(z)) with one z per point: k ~ q(k|x), z ~ q(z|k,x), against as many

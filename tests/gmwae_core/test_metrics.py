@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from gmwae_core.metrics import (active_components, assignment_entropy, cluster_acc_greedy,
-                                cluster_acc_hungarian, clustering_metrics, label_by_k)
+                                cluster_acc_hungarian, cluster_acc_many, clustering_metrics,
+                                label_by_k, majority_labels)
 
 
 def noisy_q(labels, K, rng, noise=1.5):
@@ -63,3 +64,44 @@ def test_label_by_k_rows_are_mean_responsibilities():
     labels = np.array([0, 0, 1])
     q = np.array([[0.9, 0.1], [0.7, 0.3], [0.2, 0.8]])
     assert np.allclose(label_by_k(labels, q, 3), [[0.8, 0.2], [0.2, 0.8], [0, 0]])
+
+
+def test_many_to_one_accuracy_by_hand():
+    # labels 0,0,1,1,1,2 in clusters 0,0,0,1,1,2: cluster 0 holds {0,0,1} -> label 0,
+    # cluster 1 {1,1} -> 1, cluster 2 {2} -> 2: 5 of 6 right.
+    labels = np.array([0, 0, 1, 1, 1, 2])
+    clusters = np.array([0, 0, 0, 1, 1, 2])
+    assert list(majority_labels(labels, clusters, K=4)) == [0, 1, 2, -1]  # k=3: nobody
+    assert cluster_acc_many(labels, clusters) == pytest.approx(5 / 6)
+    # Splitting a class over two clusters costs nothing many-to-one; Hungarian pays for it.
+    split = np.array([0, 3, 1, 1, 1, 2])
+    assert cluster_acc_many(labels, split) == 1.0
+    assert cluster_acc_hungarian(labels, split) == pytest.approx(5 / 6)
+
+
+def test_many_to_one_map_fitted_on_one_split_scores_another():
+    fitted = majority_labels(np.array([0, 0, 1, 1]), np.array([1, 1, 0, 0]), K=3)
+    assert list(fitted) == [1, 0, -1]
+    # test points: cluster 1 -> 0 (right), cluster 0 -> 1 (one right, one wrong),
+    # cluster 2 was never seen when fitting: an error
+    acc = cluster_acc_many(np.array([0, 1, 0, 2]), np.array([1, 0, 0, 2]), fitted)
+    assert acc == pytest.approx(2 / 4)
+
+
+def test_ami_is_chance_corrected_and_comparable_across_K():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 5000)
+    # random clusters score ~0 AMI at any K, while many-to-one accuracy rises with K
+    for K in (10, 40):
+        m = clustering_metrics(labels, np.eye(K)[rng.integers(0, K, 5000)])
+        assert abs(m["ami"]) < 0.01
+    many = [clustering_metrics(labels, np.eye(K)[rng.integers(0, K, 5000)])["cluster_acc_many"]
+            for K in (10, 200)]
+    assert many[1] > many[0] + 0.02
+    # splitting each class in two keeps AMI high (0.9+) and costs Hungarian half the points
+    split = labels * 2 + rng.integers(0, 2, 5000)
+    m = clustering_metrics(labels, np.eye(20)[split])
+    assert m["ami"] > 0.85 and m["cluster_acc_many"] == 1.0
+    assert m["cluster_acc"] == pytest.approx(0.5, abs=0.03)
+    perfect = clustering_metrics(labels, np.eye(10)[labels])
+    assert perfect["ami"] == pytest.approx(1.0) and perfect["cluster_acc_many"] == 1.0

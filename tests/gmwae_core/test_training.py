@@ -151,3 +151,18 @@ def test_warmup_raises_the_learning_rate_linearly_then_holds_it():
         t.train_steps(1)
         lrs.append(t.optimizer.param_groups[0]["lr"])
     assert lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+
+
+def test_test_many_to_one_accuracy_uses_the_map_fitted_on_validation():
+    from gmwae_core.metrics import cluster_acc_many, majority_labels
+
+    trainer = small_trainer()
+    trainer.train_steps(5)
+    val, test = trainer.evaluate("val"), trainer.evaluate("test")
+    fitted = majority_labels(val.labels, val.q_k.argmax(1), trainer.cfg.model.K)
+    assert test.metrics["test/cluster_acc_many"] == pytest.approx(
+        cluster_acc_many(test.labels, test.q_k.argmax(1), fitted))
+    assert val.metrics["val/cluster_acc_many"] == pytest.approx(
+        cluster_acc_many(val.labels, val.q_k.argmax(1)))
+    for split, result in (("val", val), ("test", test)):
+        assert -1 <= result.metrics[f"{split}/ami"] <= 1
