@@ -17,6 +17,8 @@ from typing import Any, Optional
 __all__ = [
     "ConfigError",
     "FAMILIES",
+    "FAMILY_ONLY",
+    "canonical_key",
     "DATASETS",
     "PRESETS",
     "PAPER_PRIOR_OVERLAP",
@@ -31,6 +33,9 @@ __all__ = [
 ]
 
 FAMILIES = ("gmwae", "gmvae")
+FAMILY_ONLY: dict[str, tuple[str, ...]] = {"lambda_mmd": ("gmwae",), "recon_weight": ("gmwae",)}
+"""Config keys (bare names) only some families use: the MMD term's weight and the
+reconstruction cost's are GM-WAE's (Eq. 4); GM-VAE's ELBO has neither."""
 DATASETS = ("mnist", "fashion-mnist", "digits", "synthetic")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -271,6 +276,16 @@ def _resolve_key(key: str) -> tuple[str, str]:
     close = difflib.get_close_matches(key, every + [e.split(".")[1] for e in every], n=1)
     hint = f" Did you mean `{close[0]}`?" if close else ""
     raise ConfigError(f"Unknown config key `{key}`.{hint} Valid keys: family, {', '.join(every)}.")
+
+
+def canonical_key(key: str) -> str:
+    """`K` -> `model.K`, `train.lr` -> `train.lr`; ConfigError naming the closest key when
+    `key` is not a config key."""
+    section, name = _resolve_key(key)
+    if section and name not in {f.name for f in fields(_SECTIONS[section])}:
+        reject_unknown_keys({name: None}, {f.name for f in fields(_SECTIONS[section])},
+                            section + ".")
+    return f"{section}.{name}" if section else name
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, str]:

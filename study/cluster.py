@@ -375,28 +375,6 @@ class NodeWait(tune.Callback):
                   file=sys.stderr, flush=True)
 
 
-class _HighEnd:
-    """An Optuna-like trial that answers every suggestion with its largest value: run
-    through a define-by-run space, it gives the space's widest configuration (memory grows
-    with each of K, batch size, samples and width)."""
-
-    def __init__(self):
-        self.params: dict[str, Any] = {}
-
-    def suggest_float(self, name, low, high, **_):
-        self.params[name] = high
-        return high
-
-    def suggest_int(self, name, low, high, **_):
-        self.params[name] = int(high)
-        return int(high)
-
-    def suggest_categorical(self, name, choices):
-        numeric = all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in choices)
-        self.params[name] = max(choices) if numeric else choices[0]
-        return self.params[name]
-
-
 def _sized(params: dict[str, Any]) -> str:
     """The searched values a step's memory grows with."""
     return ", ".join(f"{k}={params[k]:g}" for k in ("K", "batch_size", "num_samples",
@@ -411,16 +389,13 @@ def size_gpu_share(spec) -> tuple[Any, list[str]]:
     import dataclasses
 
     from gmwae_core.memory import GIB, gpu_share, step_memory
-    from search_spaces import SPACES, paper_point
-
     res = spec.resources
     if res.gpu <= 0:
         return spec, []
     lines, need, widest = [], 0.0, None
     for family in spec.families:
-        probe = _HighEnd()
-        corner = SPACES[spec.space](probe, family)
-        small = step_memory(spec.run_config(family, paper_point(spec.space, family)))
+        corner = spec.search_space.widest(family)
+        small = step_memory(spec.run_config(family, spec.search_space.paper_point(family) or {}))
         big_cfg = spec.run_config(family, corner)
         big = step_memory(big_cfg)
         lines.append(f"GPU memory per trial (estimate, gmwae_core/memory.py): {family} "

@@ -2,11 +2,13 @@
 
     name: quickstart
     families: [gmwae, gmvae]
-    space: default            # search_spaces.SPACES
+    space: default            # search_spaces/default.yaml, a YAML file, or the parameters inline
     dataset: mnist
     data_dir: null            # default: $GMWAE_DATA_DIR
     preset: cpu               # gmwae_core preset the searched values override
     fixed: {eval_size: 1000}  # RunConfig values fixed for every trial
+    metric: val/cluster_acc   # what the search optimises: any val/ metric (val/ami when K is searched)
+    mode: max                 # max or min; default: the metric's own direction
     trials: 6                 # per family: the same budget for both
     max_iterations: 3         # reports per trial
     steps_per_iteration: 400  # null: one epoch
@@ -29,7 +31,9 @@ from typing import Any, Optional, Sequence
 import yaml
 
 from gmwae_core.config import (DATASETS, FAMILIES, PRESETS, ConfigError, RunConfig,
-                               coerce_field, reject_unknown_keys)
+                               canonical_key, coerce_field, reject_unknown_keys)
+
+from .objective import Objective, default_metric
 
 __all__ = ["StudySpec", "Scheduler", "Resources", "Storage", "load_spec", "SpecError",
            "apply_sets"]
@@ -46,7 +50,7 @@ def _fail(key: str, rule: str, value: Any, fix: str) -> None:
 @dataclass(frozen=True)
 class Scheduler:
     type: str = "asha"
-    """asha (Tune's ASHAScheduler on val/cluster_acc) or none."""
+    """asha (Tune's ASHAScheduler on the study's metric) or none."""
     grace_period: int = 1
     """Iterations every trial gets before ASHA may stop it."""
     reduction_factor: int = 2
@@ -97,13 +101,19 @@ class StudySpec:
     """Names the Optuna studies ({name}/{family}), the MLflow experiment and the Ray run."""
     families: tuple[str, ...] = FAMILIES
     """Which families to search: gmwae, gmvae or both; each gets `trials` trials."""
-    space: str = "default"
-    """A search space of search_spaces.SPACES."""
+    space: Any = "default"
+    """A shipped space's name (search_spaces/NAME.yaml), a YAML file's path, or the
+    parameters inline as a mapping (search_spaces: Optuna's vocabulary)."""
     dataset: str = "mnist"
     data_dir: Optional[str] = None
     preset: str = "cpu"
     fixed: dict = field(default_factory=dict)
     """RunConfig values fixed for every trial (bare or dotted keys)."""
+    metric: Optional[str] = None
+    """The validation metric the search optimises (study.objective); None: val/ami when
+    the space searches K (comparable across K), else val/cluster_acc."""
+    mode: Optional[str] = None
+    """max or min; None: the metric's own direction."""
     trials: int = 6
     max_iterations: int = 3
     steps_per_iteration: Optional[int] = None
@@ -122,8 +132,6 @@ class StudySpec:
     says what it asked for and what the cluster has; an autoscaled GPU node takes minutes."""
 
     def __post_init__(self) -> None:
-        from search_spaces import space_names
-
         if not self.name or not all(c.isalnum() or c in "-_" for c in self.name):
             _fail("name", "must be letters, digits, - or _", self.name, "Use e.g. quickstart.")
         if not self.families:
@@ -135,8 +143,19 @@ class StudySpec:
                       "Use [gmwae, gmvae].")
         if len(set(self.families)) != len(self.families):
             _fail("families", "must not repeat a family", list(self.families), "List each once.")
-        if self.space not in space_names():
-            _fail("space", f"must be one of {space_names()}", self.space, "Use default.")
+        space = self.search_space  # a SpaceError (a SpecError's sibling) names the parameter
+        searched = space.keys()
+        for key in self.fixed:
+            try:
+                canonical = canonical_key(str(key))
+            except ConfigError as e:
+                raise SpecError(f"`fixed.{key}`: {e}") from None
+            if canonical in searched:
+                param = next(p for p in space.params if canonical_key(p.name) == canonical)
+                _fail(f"fixed.{key}", f"is also searched by the space ({param.describe()}); a "
+                      f"value cannot be both fixed and searched", self.fixed[key],
+                      f"Remove {key} from `fixed`, or search a space without it (write the "
+                      f"space inline under `space:`, or in a file).")
         if self.dataset not in DATASETS:
             _fail("dataset", f"must be one of {list(DATASETS)}", self.dataset, "Use mnist or digits.")
         if self.preset not in PRESETS:
@@ -157,7 +176,37 @@ class StudySpec:
             _fail("node_wait_minutes", "must be positive", self.node_wait_minutes, "Use 20.")
         if self.max_concurrent < 1:
             _fail("max_concurrent", "must be at least 1", self.max_concurrent, "Use 2.")
+        if self.metric is None:
+            object.__setattr__(self, "metric", default_metric(self.searched_keys()))
+        try:
+            objective = Objective(self.metric, self.mode)
+        except ConfigError as e:
+            raise SpecError(str(e)) from None
+        object.__setattr__(self, "mode", objective.mode)
         self.run_config("gmwae", {})  # the fixed values must make a valid run config
+        for family in self.families:  # and so must the space's corners, before any trial
+            for corner in space.corners(family):
+                self.run_config(family, corner)
+
+    @property
+    def search_space(self):
+        """The space, parsed (search_spaces.SearchSpace)."""
+        from search_spaces import SpaceError, load_space
+
+        try:
+            return load_space(self.space)
+        except SpaceError as e:
+            raise SpecError(str(e)) from None
+
+    def searched_keys(self) -> set[str]:
+        """The config keys (bare names: K, lr) the space searches for any of the families."""
+        return {key.split(".")[-1] for family in self.families
+                for key in self.search_space.keys(family)}
+
+    @property
+    def objective(self) -> Objective:
+        """The metric the search optimises and its direction, as one value."""
+        return Objective(self.metric, self.mode)
 
     def run_config(self, family: str, params: dict[str, Any]) -> RunConfig:
         """The RunConfig of one trial: preset, then dataset and fixed values, then params."""
@@ -231,6 +280,11 @@ def _spec_from_dict(d: Any, source: str) -> StudySpec:
             if not isinstance(value, dict):
                 raise SpecError(f"`fixed` must be a mapping of config keys, but got {value!r}.")
             kwargs[key] = dict(value)
+        elif key == "space":
+            if not isinstance(value, (str, dict)):
+                raise SpecError(f"`space` must name a search space or be a mapping of "
+                                f"parameters, but got {value!r}. Use default.")
+            kwargs[key] = dict(value) if isinstance(value, dict) else value
         else:
             kwargs[key] = coerce_field(StudySpec, key, value, "")
     return StudySpec(**kwargs)

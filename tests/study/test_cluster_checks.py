@@ -57,11 +57,11 @@ def test_a_local_storage_folder_is_refused_when_nodes_launch_on_other_machines(t
 
 def test_set_changes_nested_spec_keys_and_rejects_unknown_ones(tmp_path):
     spec = load_spec(ROOT / "studies/smoke.yaml", sets=[
-        "storage.ray=s3://bucket/ray", "resources.gpu=0.25", "trials=5", "fixed.lambda_mmd=50",
+        "storage.ray=s3://bucket/ray", "resources.gpu=0.25", "trials=5", "fixed.recon_weight=0.1",
         "scheduler.type=none", "families=[gmwae]"])
     assert spec.storage.ray == "s3://bucket/ray" and spec.storage.optuna.startswith("sqlite")
     assert spec.resources.gpu == 0.25 and spec.resources.cpu == 1 and spec.trials == 5
-    assert spec.fixed["lambda_mmd"] == 50 and spec.fixed["decoder_width"] == 8
+    assert spec.fixed["recon_weight"] == 0.1 and spec.fixed["decoder_width"] == 8
     assert spec.scheduler.type == "none" and spec.families == ("gmwae",)
     for item, pattern in [("storage.rey=x", r"'rey' is not a key of `storage`. Keys: optuna"),
                           ("trails=3", r"'trails' is not a study spec key"),
@@ -104,6 +104,27 @@ def test_intermediate_values_use_the_trials_own_iteration():
     search.on_trial_complete("t1", {"val/cluster_acc": 0.6, "iteration": 4, "training_iteration": 2})
     trial = search._ot_study.trials[0]
     assert trial.intermediate_values == {3: 0.5, 4: 0.6} and trial.state.name == "COMPLETE"
+
+
+def test_a_trial_asha_stopped_is_pruned_in_optuna_with_its_last_value():
+    """ASHA's stops become Optuna's PRUNED (value: the last one reported); a trial that ran
+    its whole budget is COMPLETE, one that raised is FAIL, and Optuna's best is a COMPLETE one."""
+    search = StudySearch(space=lambda trial: {"x": trial.suggest_float("x", 0, 1)},
+                         metric="val/cluster_acc", mode="max", pruned_below=4,
+                         storage=optuna.storages.InMemoryStorage(), study_name="s")
+    for tid in ("stopped", "full", "broken"):
+        search.suggest(tid)
+    search.on_trial_result("stopped", {"val/cluster_acc": 0.7, "iteration": 1})
+    search.on_trial_complete("stopped", {"val/cluster_acc": 0.8, "iteration": 2})
+    search.on_trial_complete("full", {"val/cluster_acc": 0.5, "iteration": 4})
+    search.on_trial_complete("broken", None, error=True)
+    stopped, full, broken = search._ot_study.trials
+    assert stopped.state.name == "PRUNED" and stopped.value == 0.8
+    assert stopped.intermediate_values == {1: 0.7, 2: 0.8}
+    assert stopped.user_attrs["stopped_by"] == "ASHA" and "stopped_by" not in full.user_attrs
+    assert full.state.name == "COMPLETE" and full.value == 0.5
+    assert broken.state.name == "FAIL"
+    assert search._ot_study.best_trial.number == full.number
 
 
 @pytest.fixture(scope="module")

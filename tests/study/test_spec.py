@@ -24,12 +24,18 @@ def test_shipped_specs_are_valid():
     ({"name": "s", "trials": -2}, r"`trials` must be at least 1.*-2"),
     ({"name": "s", "families": []}, r"`families` must name at least one family"),
     ({"name": "s", "families": ["gmwae", "vae"]}, r"`families` may only contain"),
-    ({"name": "s", "space": "huge"}, r"`space` must be one of \['default', 'fixed', 'smoke', 'wide'\]"),
+    ({"name": "s", "space": "huge"},
+     r"`space` 'huge' is neither a shipped space \(default, fixed, smoke, wide\) nor a YAML file"),
     ({"name": "s", "dataset": "cifar10"}, r"`dataset` must be one of"),
     ({"name": "s", "scheduler": {"type": "pbt"}}, r"`scheduler.type` must be asha or none"),
     ({"name": "s", "resources": {"gpus": 1}}, r"Unknown config key `resources.gpus`"),
     ({"name": "s", "storage": {"optuna": 3}}, r"`storage.optuna` must be a str"),
-    ({"name": "s", "fixed": {"K": 1}}, r"`fixed`.*`model.K` must be at least 2"),
+    ({"name": "s", "space": "fixed", "fixed": {"K": 1}}, r"`fixed`.*`model.K` must be at least 2"),
+    ({"name": "s", "space": "default", "fixed": {"lambda_mmd": 50}},
+     r"`fixed.lambda_mmd` is also searched by the space \(lambda_mmd: float 1..100, log\); a value "
+     r"cannot be both fixed and searched, but got 50\. Remove lambda_mmd from `fixed`"),
+    ({"name": "s", "space": {"model.K": {"type": "int", "low": 8, "high": 12}}, "fixed": {"K": 10}},
+     r"`fixed.K` is also searched"),
     ({"trials": 2}, r"lacks `name`"),
 ])
 def test_bad_specs_name_the_key_and_the_fix(d, pattern):

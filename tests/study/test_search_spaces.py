@@ -1,0 +1,124 @@
+"""Search spaces written in YAML (search_spaces/*.yaml, a file, or inline in the spec)."""
+import optuna
+import pytest
+
+from gmwae_core import Trainer, load_splits
+from gmwae_core.config import FAMILIES
+from search_spaces import SpaceError, load_space, space_names
+from study.spec import SpecError, spec_from_dict
+
+OLD_SMOKE = {"gmwae": {"lambda_mmd", "prior_overlap", "latent_dim", "K"},
+             "gmvae": {"prior_overlap", "latent_dim", "K"}}
+
+
+@pytest.mark.parametrize("name", space_names())
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_shipped_space_samples_configs_the_core_accepts(name, family):
+    """Sampled with Optuna (TPE after random start-up), not only the paper point: each
+    sampled configuration validates, and its model is built and takes a step."""
+    spec = spec_from_dict({"name": "s", "space": name, "dataset": "synthetic",
+                           "fixed": {"eval_size": 100}})
+    space = spec.search_space
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=3))
+    seen = []
+    for _ in range(6):
+        trial = study.ask()
+        params = space(trial, family)
+        cfg = spec.run_config(family, params)
+        assert cfg.family == family
+        seen.append(params)
+        study.tell(trial, float(len(seen)))
+    assert all(set(p) == {q.name for q in space.of(family)} for p in seen)
+    if name == "smoke":  # the smallest shapes: build one and step it
+        cfg = spec.run_config(family, {**seen[-1], "decoder_width": 8, "batch_size": 16,
+                                       "num_samples": 1, "pretrain_steps": 0, "device": "cpu"})
+        Trainer(cfg, load_splits(cfg.data)).train_steps(1)
+
+
+def test_the_yaml_smoke_space_has_the_old_named_spaces_parameters_and_ranges():
+    space = load_space("smoke")
+    for family, keys in OLD_SMOKE.items():
+        assert {p.name for p in space.of(family)} == keys
+    by = {p.name: p for p in space.params}
+    assert (by["lambda_mmd"].low, by["lambda_mmd"].high, by["lambda_mmd"].log) == (1.0, 100.0, True)
+    assert by["lambda_mmd"].families == ("gmwae",)
+    assert (by["K"].type, by["K"].low, by["K"].high) == ("int", 8, 12)
+    # the same draws as the old define-by-run function, parameter for parameter
+    a, b = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3)), \
+        optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    inline = load_space({"lambda_mmd": {"type": "float", "low": 1.0, "high": 100.0, "log": True,
+                                        "families": ["gmwae"]},
+                         "prior_overlap": {"type": "float", "low": 0.01, "high": 0.2, "log": True},
+                         "latent_dim": {"type": "int", "low": 4, "high": 10},
+                         "K": {"type": "int", "low": 8, "high": 12}})
+    assert space(a.ask(), "gmwae") == inline(b.ask(), "gmwae")
+
+
+def test_an_inline_space_in_the_spec_and_its_paper_point():
+    spec = spec_from_dict({"name": "s", "space": {
+        "K": {"type": "int", "low": 8, "high": 20},
+        "lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+        "batch_size": {"type": "categorical", "choices": [32, 64]}}})
+    space = spec.search_space
+    assert space.paper_point("gmwae") == {"K": 10}  # lr and batch size have no paper value
+    assert "sampled: lr, batch_size" in space.paper_point_note("gmwae")
+    assert spec.objective.metric == "val/ami"  # K is searched
+    narrow = spec_from_dict({"name": "s", "space": {"K": {"type": "int", "low": 12, "high": 20}}})
+    assert narrow.search_space.paper_point("gmvae") is None
+    assert "K=10 outside the space" in narrow.search_space.paper_point_note("gmvae")
+
+
+@pytest.mark.parametrize("space, pattern", [
+    ({"Kk": {"type": "int", "low": 2, "high": 9}}, r"Unknown config key `Kk`\. Did you mean `K`\?"),
+    ({"K": {"type": "int", "low": 9, "high": 9}}, r"`K.low` must be below high \(9\), but got 9"),
+    ({"lr": {"type": "float", "low": 0.0, "high": 0.1, "log": True}},
+     r"`lr.low` must be > 0 with log: true, but got 0\.0\. Raise low above 0"),
+    ({"batch_size": {"type": "categorical", "choices": []}},
+     r"`batch_size.choices` must be a non-empty list, but got \[\]"),
+    ({"K": {"type": "int", "low": 2, "high": 9, "families": ["gmm"]}},
+     r"`K.families` may only contain \['gmwae', 'gmvae'\], but got \['gmm'\]"),
+    ({"lambda_mmd": {"type": "float", "low": 1, "high": 9, "families": ["gmvae"]}},
+     r"`lambda_mmd.families` may only name families that have lambda_mmd \(\['gmwae'\]\)"),
+    ({"K": {"type": "integer", "low": 2, "high": 9}}, r"`K.type` must be one of \['float', 'int', "
+                                                      r"'categorical'\], but got 'integer'"),
+    ({"K": {"type": "int", "low": 2.5, "high": 9}}, r"`K.low` must be a whole number for type int"),
+    ({"K": {"type": "int", "lo": 2, "high": 9}}, r"`K.lo` is not a parameter field"),
+    ({"K": 10}, r"`K` must be a mapping with a type"),
+    ({"K": {"type": "int", "low": 2, "high": 9}, "model.K": {"type": "int", "low": 2, "high": 5}},
+     r"`model.K` names the same config key as `K`"),
+])
+def test_bad_spaces_exit_with_the_key_the_rule_the_value_and_the_fix(space, pattern):
+    with pytest.raises(SpaceError, match=pattern):
+        load_space(space)
+    with pytest.raises(SpecError, match=pattern):  # and so does a spec holding it
+        spec_from_dict({"name": "s", "space": space})
+
+
+def test_a_range_the_core_refuses_is_a_spec_error_before_any_trial():
+    """The space's corners are checked against the core when the spec is read."""
+    with pytest.raises(SpecError, match=r"`model.K` must be at least 2"):
+        spec_from_dict({"name": "s", "space": {"K": {"type": "int", "low": 1, "high": 3}}})
+    with pytest.raises(SpecError, match=r"`train.batch_size` must be at least 2"):
+        spec_from_dict({"name": "s", "space": {
+            "batch_size": {"type": "categorical", "choices": [1, 64]}}})
+
+
+def test_study_validate_prints_what_would_run_and_touches_nothing(tmp_path):
+    from tests.conftest import ROOT, gmwae
+
+    done = gmwae("study", "validate", ROOT / "studies/k-search.yaml", cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "objective: max val/ami" in done.stdout
+    assert "gmwae searches (inline):\n  K: int 8..20\n  paper point (enqueued first): K=10" \
+        in done.stdout
+    assert "fixed (every trial): eval_size=2000, pretrain_steps=300" in done.stdout
+    warned = gmwae("study", "validate", ROOT / "studies/smoke.yaml", "--set",
+                   "metric=val/cluster_acc", cwd=tmp_path, timeout=120)
+    assert warned.returncode == 0 and "warning: the space searches K" in warned.stdout
+    bad = gmwae("study", "validate", ROOT / "studies/smoke.yaml", "--set",
+                "space={K: {type: int, low: 8, high: 20, log: yes, step: 2}}", cwd=tmp_path,
+                timeout=120)
+    assert bad.returncode == 2
+    assert bad.stderr.count("\n") == 1 and "`K.step` must be a positive number, and cannot go " \
+        "with log: true, but got 2" in bad.stderr
+    assert list(tmp_path.iterdir()) == []  # no store, no run folder
