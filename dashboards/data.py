@@ -16,13 +16,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional
 
+from study.objective import DEFAULT_METRIC, Objective
+from study.trial_states import SCORED_STATES
+
 __all__ = ["TrialRow", "StudyData", "load_study_data", "overview", "family_comparison",
            "collapse", "search_insight", "learning_curves", "trial_links", "pareto_front",
            "COMPARED_METRICS"]
 
 ACC = "val/cluster_acc"
-COMPARED_METRICS = ("val/cluster_acc", "val/active_components", "val/assignment_entropy",
-                    "val/mmd")
+COMPARED_METRICS = ("val/cluster_acc", "val/ami", "val/active_components",
+                    "val/assignment_entropy", "val/mmd")
 
 
 @dataclass
@@ -30,17 +33,17 @@ class TrialRow:
     family: str
     number: int
     state: str
-    """Optuna state: COMPLETE, FAIL, RUNNING, PRUNED, WAITING."""
+    """Optuna state: COMPLETE, PRUNED (stopped early by ASHA), FAIL, RUNNING, WAITING."""
     params: dict[str, Any]
     best_value: Optional[float] = None
-    """Best validation accuracy over the trial's iterations."""
+    """Best value of the study's metric over the trial's iterations."""
     iterations: int = 0
     stopped_early: bool = False
     """ASHA stopped it before max_iterations (its values are not final)."""
     final: dict[str, float] = field(default_factory=dict)
     """Validation metrics at its last iteration (from MLflow)."""
     curve: list[tuple[int, float]] = field(default_factory=list)
-    """(iteration, val/cluster_acc) per iteration."""
+    """(iteration, the study's metric) per iteration."""
     run_id: Optional[str] = None
     exported_to: Optional[str] = None
     failure_reason: Optional[str] = None
@@ -64,14 +67,21 @@ class StudyData:
     mlflow_url: Optional[str] = None
     """Base URL of an MLflow UI for links (None: no links)."""
     experiment_id: Optional[str] = None
+    metric: str = DEFAULT_METRIC
+    """The study's objective (its spec's metric and mode): best values, curves and ranks."""
+    mode: str = "max"
+
+    @property
+    def objective(self) -> Objective:
+        return Objective(self.metric, self.mode)
 
     def of(self, family: str) -> list[TrialRow]:
         return [t for t in self.trials if t.family == family]
 
 
 def best_trial(data: StudyData, family: str) -> Optional[TrialRow]:
-    done = [t for t in data.of(family) if t.state == "COMPLETE" and t.best_value is not None]
-    return max(done, key=lambda t: (t.best_value, -t.number)) if done else None
+    done = [t for t in data.of(family) if t.state in SCORED_STATES and t.best_value is not None]
+    return data.objective.best(done, lambda t: t.best_value, lambda t: t.number)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -99,9 +109,12 @@ def load_study_data(spec, mlflow_url: Optional[str] = None, with_history: bool =
     tracking = spec.store("mlflow")
     if mlflow_url is None and tracking.startswith(("http://", "https://")):
         mlflow_url = tracking
+    # a study recorded before `metric` and `mode` existed optimised val/cluster_acc, max
+    objective = Objective(recorded.get("metric") or DEFAULT_METRIC, recorded.get("mode"))
     data = StudyData(spec.name, families, int(recorded.get("max_iterations", spec.max_iterations)),
                      [], mlflow_url=mlflow_url,
-                     experiment_id=experiment.experiment_id if experiment else None)
+                     experiment_id=experiment.experiment_id if experiment else None,
+                     metric=objective.metric, mode=objective.mode)
     studies = {}
     for family in families:
         try:
@@ -115,18 +128,19 @@ def load_study_data(spec, mlflow_url: Optional[str] = None, with_history: bool =
                            dict(t.params),
                            best_value=t.user_attrs.get("best_value", t.value),
                            iterations=int(t.user_attrs.get("latest_iteration", 0)),
+                           stopped_early=t.state.name == "PRUNED",
                            started=t.datetime_start, completed=t.datetime_complete)
             if run is not None:
                 tags = run.data.tags
                 row.run_id = run.info.run_id
                 row.iterations = int(tags.get("iterations", row.iterations) or 0)
-                row.stopped_early = tags.get("stopped_early") == "true"
+                row.stopped_early = row.stopped_early or tags.get("stopped_early") == "true"
                 row.exported_to = tags.get("exported_to")
                 row.failure_reason = tags.get("failure_reason")
                 row.final = {k: v for k, v in run.data.metrics.items() if k.startswith("val/")}
                 if with_history:
                     row.curve = [(m.step, m.value) for m in
-                                 client.get_metric_history(run.info.run_id, ACC)]
+                                 client.get_metric_history(run.info.run_id, data.metric)]
             data.trials.append(row)
     for family, study in studies.items():
         data.importances[family] = _importances(study)
@@ -150,13 +164,25 @@ def load_study_data(spec, mlflow_url: Optional[str] = None, with_history: bool =
 
 
 def _importances(study) -> Any:
+    """Optuna's parameter importances for each scored trial's best validation accuracy.
+
+    Optuna reads only COMPLETE trials; a study under ASHA has most of its trials PRUNED,
+    so the scored trials are copied, as COMPLETE with their best value, into an in-memory
+    study first."""
     import optuna
 
-    done = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    from study.trial_states import scored_trials
+
+    done = scored_trials(study)
     if len(done) < 2:
-        return f"Parameter importances need at least 2 finished trials; this family has {len(done)}."
+        return (f"Parameter importances need at least 2 finished trials; this family has "
+                f"{len(done)}.")
+    copy = optuna.create_study(direction=study.direction)
+    copy.add_trials([optuna.trial.create_trial(
+        params=t.params, distributions=t.distributions, state=optuna.trial.TrialState.COMPLETE,
+        value=t.user_attrs.get("best_value", t.value)) for t in done])
     try:
-        return dict(optuna.importance.get_param_importances(study))
+        return dict(optuna.importance.get_param_importances(copy))
     except (RuntimeError, ValueError) as e:
         return f"Optuna could not compute parameter importances: {e}"
 
@@ -180,18 +206,18 @@ def overview(data: StudyData) -> dict[str, dict[str, Any]]:
     out = {}
     for family in data.families:
         trials = sorted(data.of(family), key=lambda t: t.number)
-        best, curve = -math.inf, []
+        best, curve = None, []
         for t in trials:
-            if t.state == "COMPLETE" and t.best_value is not None:
-                best = max(best, t.best_value)
-            if best > -math.inf:
+            if t.state in SCORED_STATES and data.objective.better(t.best_value, best):
+                best = t.best_value
+            if best is not None:
                 curve.append((t.number, best))
         starts = [t.started for t in trials if t.started]
         ends = [t.completed for t in trials if t.completed]
         out[family] = {
             "trials": len(trials),
-            "completed": sum(t.state == "COMPLETE" and not t.stopped_early for t in trials),
-            "stopped_early": sum(t.state == "COMPLETE" and t.stopped_early for t in trials),
+            "completed": sum(t.state in SCORED_STATES and not t.stopped_early for t in trials),
+            "stopped_early": sum(t.state in SCORED_STATES and t.stopped_early for t in trials),
             "failed": sum(t.state == "FAIL" for t in trials),
             "running": sum(t.state in ("RUNNING", "WAITING") for t in trials),
             "best_so_far": curve,
@@ -206,7 +232,7 @@ def family_comparison(data: StudyData) -> dict[str, dict[str, list[float]]]:
     trials were judged on fewer iterations and are left out)."""
     out = {}
     for family in data.families:
-        full = [t for t in data.of(family) if t.state == "COMPLETE" and not t.stopped_early]
+        full = [t for t in data.of(family) if t.state in SCORED_STATES and not t.stopped_early]
         out[family] = {k: [t.final[k] for t in full if k in t.final and math.isfinite(t.final[k])]
                        for k in COMPARED_METRICS}
     return out
@@ -241,7 +267,7 @@ def search_insight(data: StudyData) -> dict[str, dict[str, Any]]:
     components, and the accuracy/MMD Pareto front."""
     out = {}
     for family in data.families:
-        done = [t for t in data.of(family) if t.state == "COMPLETE" and ACC in t.final]
+        done = [t for t in data.of(family) if t.state in SCORED_STATES and ACC in t.final]
         params = sorted({p for t in done for p in t.params})
         rows = [{**t.params, "number": t.number, "acc": t.final[ACC],
                  "mmd": t.final.get("val/mmd", float("nan")),
@@ -280,7 +306,7 @@ def trial_links(data: StudyData) -> list[dict[str, Any]]:
         if data.mlflow_url and t.run_id and data.experiment_id:
             url = f"{data.mlflow_url.rstrip('/')}/#/experiments/{data.experiment_id}/runs/{t.run_id}"
         outcome = {"COMPLETE": "stopped early" if t.stopped_early else "completed",
-                   "FAIL": "failed"}.get(t.state, t.state.lower())
+                   "PRUNED": "stopped early", "FAIL": "failed"}.get(t.state, t.state.lower())
         rows.append({"family": t.family, "number": t.number, "outcome": outcome,
                      "best_value": t.best_value, "iterations": t.iterations,
                      "params": t.params, "run_id": t.run_id, "mlflow_url": url,

@@ -77,15 +77,15 @@ def _overview(page: _Page, data: D.StudyData) -> None:
              for o in ov.values()]]
     table = go.Figure(go.Table(
         header=dict(values=["family", "trials", "completed", "stopped early (ASHA)", "failed",
-                            "running", "best val acc", "wall time (min)"]),
+                            "running", f"best {data.metric}", "wall time (min)"]),
         cells=dict(values=rows)))
     table.update_layout(title="Trials per family")
     page.fig(table, height=90 + 40 * len(ov))
     winners = {f: o["best"] for f, o in ov.items() if o["best"] is not None}
     if len(winners) == 2:
-        (a, va), (b, vb) = sorted(winners.items(), key=lambda kv: -kv[1])
-        page.p(f"{_family_name(a)} leads: best validation accuracy {va:.3f} against "
-               f"{_family_name(b)}'s {vb:.3f} (+{va - vb:.3f}).", "lead")
+        (a, va), (b, vb) = data.objective.ranked(winners.items(), lambda kv: kv[1])
+        page.p(f"{_family_name(a)} leads: best {data.metric} {va:.3f} against "
+               f"{_family_name(b)}'s {vb:.3f} ({va - vb:+.3f}).", "lead")
     fig = go.Figure()
     for f, o in ov.items():
         if o["best_so_far"]:
@@ -93,8 +93,8 @@ def _overview(page: _Page, data: D.StudyData) -> None:
             fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=_family_name(f),
                                      line=dict(shape="hv", color=COLORS.get(f))))
     if fig.data:
-        fig.update_layout(title="Best validation accuracy so far", xaxis_title="trial (Optuna number)",
-                          yaxis_title="val cluster accuracy")
+        fig.update_layout(title=f"Best {data.metric} so far ({data.mode})",
+                          xaxis_title="trial (Optuna number)", yaxis_title=data.metric)
         page.fig(fig, 380)
     else:
         page.p("No trial has finished yet, so there is no best-so-far curve.", "note")
@@ -107,8 +107,9 @@ def _comparison(page: _Page, data: D.StudyData) -> None:
         page.p("No trial ran its full budget, so the families cannot be compared yet "
                "(ASHA-stopped trials are left out of these distributions).", "note")
     else:
-        titles = ["val cluster accuracy", "active components", "assignment entropy", "MMD"]
-        fig = make_subplots(rows=1, cols=4, subplot_titles=titles)
+        titles = ["val cluster accuracy", "val AMI", "active components", "assignment entropy",
+                  "MMD"]
+        fig = make_subplots(rows=1, cols=len(titles), subplot_titles=titles)
         for col, key in enumerate(D.COMPARED_METRICS, start=1):
             for f, c in comp.items():
                 if c[key]:
@@ -187,7 +188,7 @@ def _insight(page: _Page, data: D.StudyData) -> None:
             names = sorted(imp, key=imp.get)
             fig = go.Figure(go.Bar(x=[imp[n] for n in names], y=names, orientation="h",
                                    marker_color=COLORS.get(f)))
-            fig.update_layout(title="Parameter importances for val accuracy (Optuna)",
+            fig.update_layout(title=f"Parameter importances for the best {data.metric} (Optuna)",
                               xaxis_title="importance")
             page.fig(fig, 120 + 30 * len(names))
         else:
@@ -245,7 +246,7 @@ def _curves(page: _Page, data: D.StudyData) -> None:
     curves = D.learning_curves(data)
     present = {f: c for f, c in curves.items() if c}
     if not present:
-        page.p("No trial reported a validation accuracy yet, so there are no learning curves.",
+        page.p(f"No trial reported {data.metric} yet, so there are no learning curves.",
                "note")
         return
     fig = make_subplots(rows=1, cols=len(present),
@@ -263,8 +264,8 @@ def _curves(page: _Page, data: D.StudyData) -> None:
                 hovertext=f"trial {c['number']}" + (" (stopped by ASHA)" if stopped else "")),
                 row=1, col=i)
         fig.update_xaxes(title_text="iteration", range=[0.8, data.max_iterations + 0.2], row=1, col=i)
-    fig.update_yaxes(title_text="val cluster accuracy", row=1, col=1)
-    fig.update_layout(title="Validation accuracy per iteration (dotted, x: stopped by ASHA; "
+    fig.update_yaxes(title_text=data.metric, row=1, col=1)
+    fig.update_layout(title=f"{data.metric} per iteration (dotted, x: stopped by ASHA; "
                             "not comparable with finished trials)")
     page.fig(fig, 420)
 
@@ -279,8 +280,8 @@ def _links(page: _Page, data: D.StudyData) -> None:
         page.p("Links to MLflow runs appear when the report is built with --mlflow-url (the "
                "address of `mlflow ui` or the tracking server).", "note")
     out = ['<table class="trials"><tr><th>family</th><th>trial</th><th>outcome</th>'
-           '<th>best val acc</th><th>iterations</th><th>params</th><th>MLflow run</th>'
-           '<th>export</th></tr>']
+           f'<th>best {html.escape(data.metric)}</th><th>iterations</th><th>params</th>'
+           '<th>MLflow run</th><th>export</th></tr>']
     for r in rows:
         run = (f'<a href="{html.escape(r["mlflow_url"])}">{html.escape(r["run_id"][:8])}</a>'
                if r["mlflow_url"] else html.escape((r["run_id"] or "")[:8]))

@@ -114,6 +114,12 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
                          help="folder for confirm.md and confirm.json (default runs/NAME/confirm)")
     confirm.add_argument("--address", default=None, help="Ray cluster address")
     confirm.add_argument("--quiet", action="store_true", help="no Tune progress table")
+    validate = study_sub.add_parser("validate", help="read a spec and print what it would run: "
+                                                     "the objective, each family's searched "
+                                                     "parameters, the fixed values; runs nothing")
+    validate.add_argument("spec", help="a study spec, e.g. studies/quickstart.yaml")
+    validate.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                          help="change a spec value, as for `study run`")
     status = study_sub.add_parser("status", help="trials so far, from the study's stores "
                                                  "(while it runs or after)")
     status.add_argument("study", help="a spec file, or a study name (studies/NAME.yaml, else "
@@ -240,12 +246,40 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def describe_spec(spec) -> str:
+    """What `study run SPEC` would do, read from the spec alone (no store is touched)."""
+    objective, space = spec.objective, spec.search_space
+    lines = [f"study {spec.name}: {', '.join(spec.families)} on {spec.dataset}, preset "
+             f"{spec.preset}, {spec.trials} trials per family, {spec.max_iterations} iterations "
+             f"per trial, scheduler {spec.scheduler.type}",
+             f"objective: {objective.mode} {objective.metric}"]
+    lines += [f"  {w}" for w in objective.warnings(spec.searched_keys())]
+    space_name = spec.space if isinstance(spec.space, str) else "inline"
+    for family in spec.families:
+        params = space.of(family)
+        lines.append(f"{family} searches ({space_name}):" + ("" if params else " nothing"))
+        lines += [f"  {p.describe()}" for p in params]
+        lines.append(f"  {space.paper_point_note(family)}")
+    fixed = ", ".join(f"{k}={v}" for k, v in spec.fixed.items()) or "none"
+    lines.append(f"fixed (every trial): {fixed}")
+    lines.append("stores: " + ", ".join(
+        f"{which} {getattr(spec.storage, which).replace('{name}', spec.name)}"
+        for which in ("optuna", "mlflow", "ray")))
+    return "\n".join(lines)
+
+
 def _study(args: argparse.Namespace) -> int:
+    if args.study_command == "validate":
+        from .spec import load_spec
+
+        print(describe_spec(load_spec(args.spec, sets=args.sets)))
+        return 0
     if args.study_command == "status":
         from .status import find_spec, format_status, study_status
 
         spec = find_spec(args.study)
         print(format_status(spec, study_status(spec)))
+        print(compare_hint(spec))
         return 0
     if args.study_command == "confirm":
         from .confirm import confirm_study
@@ -307,22 +341,39 @@ def _study(args: argparse.Namespace) -> int:
                 spec = spec_for_resume(spec, recorded,
                                        {"trials": args.trials} if args.trials else None)
     summary = run_study(spec, address=args.address, verbose=0 if args.quiet else 1, resume=resume)
-    print(f"\nstudy {spec.name}: best validation accuracy per family")
-    print(f"{'family':<8}{'trials':>7}{'failed':>7}{'val acc':>9}{'active':>7}  params")
+    objective = spec.objective
+    print(f"\nstudy {spec.name}: best {objective.metric} ({objective.mode}) per family")
+    print(f"{'family':<8}{'trials':>7}{'failed':>7}{objective.metric:>20}{'active':>7}  params")
     for fam, row in summary.items():
-        if "val/cluster_acc" not in row:
+        if "value" not in row:
             print(f"{fam:<8}{row['trials']:>7}{row['failed']:>7}  no trial finished")
             continue
         params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in sorted(row["params"].items()))
-        print(f"{fam:<8}{row['trials']:>7}{row['failed']:>7}{row['val/cluster_acc']:>9.3f}"
+        print(f"{fam:<8}{row['trials']:>7}{row['failed']:>7}{row['value']:>20.4g}"
               f"{row.get('val/active_components') or float('nan'):>7.0f}  {params}")
     mlflow_store = spec.store("mlflow")
-    ui = (f"open {mlflow_store}" if mlflow_store.startswith(("http://", "https://"))
-          else f"mlflow ui --backend-store-uri {mlflow_store}")
-    print(f"stores: optuna {mask_url(spec.store('optuna'))}, mlflow {mask_url(mlflow_store)} "
-          f"({mask_url(ui)})")
+    print(f"stores: optuna {mask_url(spec.store('optuna'))}, mlflow {mask_url(mlflow_store)}")
+    print(compare_hint(spec))
     return 0
+
+
+def compare_hint(spec) -> str:
+    """How to open the study in MLflow's UI and optuna-dashboard, with the saved views."""
+    from mlflow.tracking import MlflowClient
+
+    from .runner import mask_url
+    from .tracking import runs_view_url
+
+    mlflow_store = spec.store("mlflow")
+    served = mlflow_store.startswith(("http://", "https://"))
+    experiment = MlflowClient(mlflow_store).get_experiment_by_name(spec.name)
+    lines = [] if served else [f"  mlflow ui --backend-store-uri {mlflow_store}"]
+    if experiment is not None:
+        ui = mlflow_store if served else "http://127.0.0.1:5000"
+        lines.append(f"  then open {mask_url(runs_view_url(ui, experiment.experiment_id))}")
+    lines.append(f"  optuna-dashboard {mask_url(spec.store('optuna'))}")
+    return "compare the trials:\n" + "\n".join(lines)
 
 
 def _dashboard(args: argparse.Namespace) -> int:

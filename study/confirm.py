@@ -23,10 +23,12 @@ from .export import ExportError, chosen_trials
 from .runner import _family_trainable, _open_tracker, connect_ray, resolve_study_data
 from .spec import StudySpec
 from .tracking import TrialLogger
+from .trial_states import best_value
 
 __all__ = ["confirm_study", "CONFIRM_METRICS", "summarise", "format_table"]
 
-CONFIRM_METRICS = ("test/cluster_acc", "test/cluster_acc_greedy", "test/nmi", "test/ari",
+CONFIRM_METRICS = ("test/cluster_acc", "test/cluster_acc_greedy", "test/cluster_acc_many",
+                   "test/nmi", "test/ari", "test/ami",
                    "test/active_components", "test/assignment_entropy", "test/mmd",
                    "test/recon_mse")
 
@@ -67,8 +69,8 @@ def format_table(table: dict[str, Any]) -> str:
     for family, row in table["families"].items():
         params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in sorted(row["params"].items()))
-        lines.append(f"- {family} (trial {row['optuna_trial']}, search val acc "
-                     f"{row['search_val_acc']:.3f}): {params}")
+        lines.append(f"- {family} (trial {row['optuna_trial']}, {row['search_metric']} in the "
+                     f"search {row['search_value']:.4g}): {params}")
     return "\n".join(lines) + "\n"
 
 
@@ -120,7 +122,7 @@ def confirm_study(spec: StudySpec, seeds: int = 5, out: Optional[str | Path] = N
         values = {k: [m[k] for m in per_seed.values() if k in m] for k in CONFIRM_METRICS}
         table["families"][family] = {
             "optuna_trial": trial.number, "params": params, "seeds": seed_list,
-            "search_val_acc": trial.user_attrs.get("best_value", trial.value),
+            "search_metric": spec.objective.metric, "search_value": best_value(trial),
             "seeds_finished": len(per_seed), "per_seed": per_seed, "summary": summarise(values)}
     out.mkdir(parents=True, exist_ok=True)
     markdown = format_table(table)

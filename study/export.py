@@ -23,8 +23,10 @@ from typing import Any, Optional
 
 from gmwae_core.config import ConfigError
 
-from .runner import StoreError, mask_url, open_optuna_storage, sqlite_file_missing
+from .runner import (StoreError, mask_url, open_optuna_storage, recorded_objective,
+                     sqlite_file_missing)
 from .spec import StudySpec
+from .trial_states import best_value, scored_trials
 
 __all__ = ["export_study", "ExportError", "chosen_trials", "registered_model_name", "CHAMPION"]
 
@@ -43,7 +45,8 @@ def registered_model_name(study: str, family: str) -> str:
 
 def chosen_trials(spec: StudySpec, top: int, families: Optional[list[str]] = None
                   ) -> dict[str, list]:
-    """Per family, its `top` finished trials with a checkpoint, best validation accuracy first."""
+    """Per family, its `top` scored trials with a checkpoint, best by the study's objective
+    (its metric's best value over the trial's iterations) first."""
     import optuna
 
     if top < 1:
@@ -54,15 +57,16 @@ def chosen_trials(spec: StudySpec, top: int, families: Optional[list[str]] = Non
                           f"exist. Pass the spec file the study ran with.")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_optuna_storage(url)
+    objective = recorded_objective(storage, spec)
     out: dict[str, list] = {}
     for family in families or spec.families:
         try:
             study = optuna.load_study(study_name=f"{spec.name}/{family}", storage=storage)
         except KeyError:
             continue
-        done = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"
-                and "best_checkpoint" in t.user_attrs]
-        done.sort(key=lambda t: (-t.user_attrs["best_value"], t.number))
+        done = objective.ranked(
+            [t for t in scored_trials(study) if "best_checkpoint" in t.user_attrs],
+            best_value, lambda t: t.number)
         if done:
             out[family] = done[:top]
     if not out:
@@ -120,8 +124,8 @@ def export_study(spec: StudySpec, out: str | Path, top: int = 1,
         for family, chosen in trials.items():
             for trial in chosen:
                 folder = tmp / f"{family}-trial{trial.number:03d}"
-                log(f"exporting {family} trial {trial.number} (val acc "
-                    f"{trial.user_attrs['best_value']:.3f}, iteration "
+                log(f"exporting {family} trial {trial.number} (best value "
+                    f"{best_value(trial):.4g}, iteration "
                     f"{trial.user_attrs.get('best_iteration')}) -> {out / folder.name}")
                 row = _export_trial(spec, family, trial, folder)
                 run_id = _child_run_id(client, experiment_id, family, trial.number)

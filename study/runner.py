@@ -13,13 +13,15 @@ import dataclasses
 import functools
 import os
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .cluster import ClusterError
+from .objective import DEFAULT_METRIC, Objective
 from .spec import SpecError, StudySpec
-from .tracking import VAL_ACC, VAL_ACTIVE, StudyTracker, TrialLogger
+from .tracking import VAL_ACTIVE, StudyTracker, TrialLogger
 
 __all__ = ["run_study", "resolve_study_data", "mask_url", "open_optuna_storage", "StoreError",
            "StudyExistsError", "recorded_spec", "load_recorded_spec", "spec_for_resume"]
@@ -204,6 +206,15 @@ def recorded_spec(storage, spec: StudySpec) -> Optional[dict]:
     return None
 
 
+def recorded_objective(storage, spec: StudySpec) -> Objective:
+    """The objective the study ran with (its recorded spec's metric and mode): a spec file
+    passed to status or export may leave them out; before they existed, val/cluster_acc."""
+    recorded = recorded_spec(storage, spec)
+    if recorded is None:
+        return spec.objective
+    return Objective(recorded.get("metric") or DEFAULT_METRIC, recorded.get("mode"))
+
+
 def load_recorded_spec(spec: StudySpec) -> Optional[dict]:
     """recorded_spec from the spec's Optuna storage; None (and no file made) when it is absent."""
     url = spec.store("optuna")
@@ -225,6 +236,8 @@ def spec_for_resume(spec: StudySpec, recorded: Optional[dict],
         raise SpecError(f"No study {spec.name!r} to resume in {mask_url(spec.store('optuna'))}. "
                         f"Start it with `gmwae study run SPEC`, or pass the spec file it ran "
                         f"with (its stores say where it is).")
+    # a study recorded before `metric` and `mode` existed optimised val/cluster_acc, max
+    recorded = {"metric": DEFAULT_METRIC, "mode": "max", **recorded}
     given = spec.to_dict()
     changed = [k for k in given if compare and k not in RESUMABLE_CHANGES and k != "name"
                and _comparable(given[k]) != _comparable(recorded.get(k))]
@@ -263,8 +276,6 @@ def run_study(spec: StudySpec, address: Optional[str] = None, verbose: int = 1,
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from search_spaces import SPACES, paper_point
-
     from gmwae_core.data import describe_splits
 
     from .cluster import size_gpu_share
@@ -273,6 +284,9 @@ def run_study(spec: StudySpec, address: Optional[str] = None, verbose: int = 1,
     from .trainable import TrialSetup, train_trial
 
     spec = resolve_study_data(spec)
+    objective = spec.objective
+    for line in objective.warnings(spec.searched_keys()):
+        print(line, file=sys.stderr, flush=True)
     spec, gpu_lines = size_gpu_share(spec)  # before any store is written: a refusal loses nothing
     for line in gpu_lines:
         print(line, flush=True)
@@ -287,6 +301,9 @@ def run_study(spec: StudySpec, address: Optional[str] = None, verbose: int = 1,
             f"or start a new study with `--name NEW`.")
     tracker = _open_tracker(spec)
     tracker.log_spec(spec.to_dict(), mask=mask_url)
+    space = spec.search_space
+    tracker.log_views(spec.families, sorted({p.name for p in space.params}),
+                      objective.metric, objective.mode)
     dataset = describe_splits(spec.run_config(spec.families[0], {}).data)
     log_dataset(tracker.client, tracker.parent_run_id, dataset)
     ray_storage = connect_ray(spec, address)
@@ -295,11 +312,11 @@ def run_study(spec: StudySpec, address: Optional[str] = None, verbose: int = 1,
     for family in spec.families:
         plan = plans[family]
         study = optuna.create_study(study_name=plan.study_name, storage=storage,
-                                    direction="maximize", load_if_exists=True)
+                                    direction=objective.direction, load_if_exists=True)
         if study.metric_names is None:  # optuna-dashboard and plots name the objective
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                study.set_metric_names([VAL_ACC])
+                study.set_metric_names([objective.metric])
         study.set_user_attr("spec", _comparable(spec.to_dict()))
         if plan.exists:
             stale_runs_closed(storage, plan.study_name, tracker.client, tracker.experiment_id,
@@ -309,17 +326,20 @@ def run_study(spec: StudySpec, address: Optional[str] = None, verbose: int = 1,
         parts[family] = {
             "samples": plan.samples,
             "searcher": StudySearch(
-                space=functools.partial(SPACES[spec.space], family=family),
-                metric=VAL_ACC, mode="max", storage=storage, study_name=plan.study_name,
+                space=functools.partial(space, family=family),
+                metric=objective.metric, mode=objective.mode, storage=storage,
+                study_name=plan.study_name,
                 # a resumed sampler must not replay the first run's random draws
                 seed=spec.seed + plan.finished + len(plan.retry),
-                points_to_evaluate=None if plan.exists else [paper_point(spec.space, family)],
-                retry=plan.retry),
+                points_to_evaluate=(None if plan.exists or not space.paper_point(family)
+                                    else [space.paper_point(family)]),
+                retry=plan.retry,
+                pruned_below=spec.max_iterations if spec.scheduler.type == "asha" else None),
             "scheduler": (ASHAScheduler(time_attr=ITERATION, max_t=spec.max_iterations,
                                         grace_period=spec.scheduler.grace_period,
                                         reduction_factor=spec.scheduler.reduction_factor)
                           if spec.scheduler.type == "asha" else None),
-            "callbacks": [TrialLedger(storage, plan.study_name, VAL_ACC),
+            "callbacks": [TrialLedger(storage, plan.study_name, objective),
                           TrialLogger(tracker, family, spec.max_iterations,
                                       run_config=functools.partial(spec.run_config, family),
                                       dataset=dataset)],
@@ -332,10 +352,11 @@ def run_study(spec: StudySpec, address: Optional[str] = None, verbose: int = 1,
         _run_group(spec, {f: parts[f] for f in group}, trainable or train_trial, ray_storage,
                    verbose)
         for family in group:  # these families are done: their best on the parent run
-            _log_best(tracker, storage, plans[family].study_name, family)
+            _log_best(tracker, storage, plans[family].study_name, family, objective)
     for family in spec.families:
         summary[family] = _best_from_optuna(
-            optuna.load_study(study_name=plans[family].study_name, storage=storage), family)
+            optuna.load_study(study_name=plans[family].study_name, storage=storage), family,
+            objective)
     tracker.client.set_terminated(tracker.parent_run_id, "FINISHED")
     return summary
 
@@ -356,7 +377,8 @@ def _run_group(spec: StudySpec, parts: dict[str, dict[str, Any]], fn: Callable,
         name = f"{spec.name}-{family}"
     else:
         searcher = FamilySearch({f: p["searcher"] for f, p in parts.items()},
-                                {f: p["samples"] for f, p in parts.items()}, VAL_ACC, "max")
+                                {f: p["samples"] for f, p in parts.items()},
+                                spec.objective.metric, spec.objective.mode)
         scheduler = (FamilyScheduler({f: p["scheduler"] for f, p in parts.items()})
                      if spec.scheduler.type == "asha" else None)
         callbacks = [ByFamily({f: p["callbacks"] for f, p in parts.items()})]
@@ -366,7 +388,8 @@ def _run_group(spec: StudySpec, parts: dict[str, dict[str, Any]], fn: Callable,
                     f"{spec.name}/{'+'.join(families)}")
     tuner = tune.Tuner(
         tune.with_resources(trial_fn, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}),
-        tune_config=tune.TuneConfig(metric=VAL_ACC, mode="max", search_alg=searcher,
+        tune_config=tune.TuneConfig(metric=spec.objective.metric, mode=spec.objective.mode,
+                                    search_alg=searcher,
                                     scheduler=scheduler,
                                     num_samples=sum(p["samples"] for p in parts.values()),
                                     max_concurrent_trials=spec.max_concurrent,
@@ -377,8 +400,8 @@ def _run_group(spec: StudySpec, parts: dict[str, dict[str, Any]], fn: Callable,
             name=name, storage_path=ray_storage, verbose=verbose, callbacks=[*callbacks, wait],
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute=VAL_ACC,
-                checkpoint_score_order="max")))
+                num_to_keep=2, checkpoint_score_attribute=spec.objective.metric,
+                checkpoint_score_order=spec.objective.mode)))
     try:
         tuner.fit()
     except Exception:
@@ -413,26 +436,30 @@ def _family_trainable(fn: Callable, setup: Any) -> Callable:
     return trial
 
 
-def _log_best(tracker, storage, study_name: str, family: str) -> None:
+def _log_best(tracker, storage, study_name: str, family: str, objective: Objective) -> None:
     import optuna
 
     study = optuna.load_study(study_name=study_name, storage=storage)
-    best = _best_from_optuna(study, family)
+    best = _best_from_optuna(study, family, objective)
     if "number" in best:
         trial = study.trials[best["number"]]
         tracker.log_family_best(family, best["number"], trial.user_attrs.get("best_iteration"))
 
 
-def _best_from_optuna(study, family: str) -> dict[str, Any]:
-    """The family's best finished trial, from Optuna (the whole study, resumed parts too)."""
+def _best_from_optuna(study, family: str, objective: Objective) -> dict[str, Any]:
+    """The family's best scored trial by `objective`, from Optuna (the whole study, resumed
+    parts too): its number, best value (under the metric's name and `value`), params."""
+    from .trial_states import best_value, scored_trials
+
     trials = study.get_trials(deepcopy=False)
-    ok = [t for t in trials if t.state.name == "COMPLETE" and t.value is not None]
+    ok = scored_trials(study)
     failed = sum(t.state.name == "FAIL" for t in trials)
     if not ok:
         return {"family": family, "trials": len(trials), "failed": failed}
-    best = max(ok, key=lambda t: t.user_attrs.get("best_value", t.value))
+    best = objective.best(ok, best_value, lambda t: t.number)
     return {"family": family, "trials": len(trials), "failed": failed, "number": best.number,
-            VAL_ACC: best.user_attrs.get("best_value", best.value),
+            "metric": objective.metric, "value": best_value(best),
+            objective.metric: best_value(best),
             VAL_ACTIVE: best.user_attrs.get("best_active"),
             "iterations": best.user_attrs.get("latest_iteration"),
             "params": best.params}

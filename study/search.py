@@ -23,15 +23,16 @@ import optuna
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
+from .trial_states import FINISHED_STATES
+
 __all__ = ["StudySearch", "TrialLedger", "FamilyPlan", "plan_family", "OPTUNA_TRIAL", "ITERATION",
-           "RESUME_FROM", "FINISHED_STATES", "private_keys_removed", "stale_runs_closed"]
+           "RESUME_FROM", "private_keys_removed", "stale_runs_closed"]
 
 OPTUNA_TRIAL = "_optuna_trial"
 ITERATION = "iteration"
 """The trial's own iteration count, reported by the trainable: it goes on across retries
 and resumes, unlike Tune's training_iteration (ASHA's rungs and Optuna's steps use it)."""
 RESUME_FROM = "_resume_from"
-FINISHED_STATES = ("COMPLETE", "PRUNED", "FAIL")
 
 
 def private_keys_removed(config: dict[str, Any]) -> dict[str, Any]:
@@ -75,9 +76,13 @@ class StudySearch(OptunaSearch):
     """OptunaSearch that tags each config with its Optuna number and can re-attach
     Tune trials to Optuna trials a killed driver left RUNNING."""
 
-    def __init__(self, *args, retry: tuple[int, ...] = (), **kwargs):
+    def __init__(self, *args, retry: tuple[int, ...] = (), pruned_below: Optional[int] = None,
+                 **kwargs):
+        """`pruned_below`: with ASHA, the iteration budget; a trial that ends without error
+        before it was stopped by the scheduler and becomes a PRUNED Optuna trial."""
         super().__init__(*args, **kwargs)
         self._retry = list(retry)
+        self._pruned_below = pruned_below
 
     def suggest(self, trial_id: str) -> Optional[dict]:
         extra: dict[str, Any] = {}
@@ -102,27 +107,36 @@ class StudySearch(OptunaSearch):
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None,
                           error: bool = False) -> None:
         """Tune hands a trial's last result only to on_trial_complete: record it as an
-        intermediate value too, so Optuna's curves end where the trial ended."""
+        intermediate value too, so Optuna's curves end where the trial ended.
+
+        A trial that ASHA stopped before its budget is told to Optuna as PRUNED (Ray's
+        OptunaSearch would tell it COMPLETE): Optuna then takes its last intermediate value
+        as its value, and its tools (optuna-dashboard, plots, `best_trial`) show it apart."""
         ot_trial = self._ot_trials.get(trial_id)
         value = (result or {}).get(self.metric)
         if (ot_trial is not None and trial_id not in self._completed_trials
                 and isinstance(value, (int, float)) and math.isfinite(value)
                 and ITERATION in result):
             ot_trial.report(float(value), int(result[ITERATION]))
+            if (not error and self._pruned_below is not None
+                    and int(result[ITERATION]) < self._pruned_below):
+                ot_trial.set_user_attr("stopped_by", "ASHA")
+                result = {k: v for k, v in result.items() if k != self.metric}
         super().on_trial_complete(trial_id, result, error)
 
 
 class TrialLedger(tune.Callback):
-    """Records on each Optuna trial where its latest and best checkpoints are.
+    """Records on each Optuna trial where its latest and best checkpoints are (best by the
+    study's objective: `best_value` is the trial's best value of the objective's metric).
 
     Runs on the driver (one writer). Checkpoints are kept by Tune with `num_to_keep`
     ranked by the same metric, and the latest is always kept, so both paths stay valid.
     """
 
-    def __init__(self, storage, study_name: str, metric: str,
+    def __init__(self, storage, study_name: str, objective,
                  also: tuple[str, ...] = ("val/active_components",)):
         self.study = optuna.load_study(study_name=study_name, storage=storage)
-        self.metric, self.also = metric, also
+        self.objective, self.also = objective, also
         self.best: dict[int, float] = {}
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
@@ -137,9 +151,9 @@ class TrialLedger(tune.Callback):
             location = f"{kind}://{location}"
         attrs = {"latest_checkpoint": location,
                  "latest_iteration": int(result.get(ITERATION, 0))}
-        value = result.get(self.metric)
-        best = self.best.get(number, frozen.user_attrs.get("best_value", -math.inf))
-        if isinstance(value, (int, float)) and math.isfinite(value) and value > best:
+        value = result.get(self.objective.metric)
+        best = self.best.get(number, frozen.user_attrs.get("best_value"))
+        if self.objective.better(value, best):
             self.best[number] = value
             attrs.update(best_checkpoint=location, best_value=float(value),
                          best_iteration=attrs["latest_iteration"])

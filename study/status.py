@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .spec import SpecError, StudySpec, load_spec, spec_from_dict
+from .trial_states import best_value, scored_trials
 
 __all__ = ["find_spec", "study_status", "study_exists"]
 
@@ -40,12 +41,13 @@ def study_status(spec: StudySpec) -> dict[str, Any]:
     import optuna
     from mlflow.tracking import MlflowClient
 
-    from .runner import open_optuna_storage, recorded_spec
+    from .runner import open_optuna_storage, recorded_objective, recorded_spec
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study_exists(spec)
     storage = open_optuna_storage(spec.store("optuna"))
     recorded = recorded_spec(storage, spec) or {}
+    objective = recorded_objective(storage, spec)
     requested = recorded.get("trials", spec.trials)
     names = {s.study_name for s in optuna.get_all_study_summaries(storage)}
     runs = []
@@ -60,13 +62,14 @@ def study_status(spec: StudySpec) -> dict[str, Any]:
         if study_name not in names:
             out[family] = {"states": {}, "requested": requested}
             continue
-        trials = optuna.load_study(study_name=study_name, storage=storage).trials
-        done = [t for t in trials if t.state.name == "COMPLETE" and t.value is not None]
-        best = max(done, key=_best_value) if done else None
+        study = optuna.load_study(study_name=study_name, storage=storage)
+        trials = study.trials
+        best = objective.best(scored_trials(study), best_value, lambda t: t.number)
         out[family] = {
+            "metric": objective.metric,
             "requested": requested,
             "states": dict(Counter(t.state.name for t in trials)),
-            "best_value": _best_value(best) if best else None,
+            "best_value": best_value(best) if best else None,
             "best_params": best.params if best else None,
             "mlflow_runs": dict(Counter(r.info.status for r in runs
                                         if r.data.tags.get("family") == family)),
@@ -74,22 +77,21 @@ def study_status(spec: StudySpec) -> dict[str, Any]:
     return out
 
 
-def _best_value(trial) -> float:
-    """A trial's best validation accuracy over its iterations (its Optuna value is the last)."""
-    return trial.user_attrs.get("best_value", trial.value)
+def _metric(status: dict[str, Any]) -> str:
+    return next((row["metric"] for row in status.values() if "metric" in row), "value")
 
 
 def format_status(spec: StudySpec, status: dict[str, Any]) -> str:
     lines = [f"study {spec.name}  (optuna {spec.store('optuna')}, mlflow {spec.store('mlflow')})",
-             f"{'family':<8}{'requested':>10}{'complete':>9}{'running':>8}{'failed':>7}"
-             f"{'best val acc':>13}  best params / mlflow runs"]
+             f"{'family':<8}{'requested':>10}{'complete':>9}{'pruned':>7}{'running':>8}{'failed':>7}"
+             f"{'best ' + _metric(status):>20}  best params / mlflow runs"]
     for family, row in status.items():
         states = row["states"]
-        best = "" if row.get("best_value") is None else f"{row['best_value']:.3f}"
+        best = "" if row.get("best_value") is None else f"{row['best_value']:.4g}"
         params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in sorted((row.get("best_params") or {}).items()))
         lines.append(f"{family:<8}{row['requested']:>10}{states.get('COMPLETE', 0):>9}"
-                     f"{states.get('RUNNING', 0):>8}{states.get('FAIL', 0):>7}{best:>13}  "
+                     f"{states.get('PRUNED', 0):>7}{states.get('RUNNING', 0):>8}{states.get('FAIL', 0):>7}{best:>20}  "
                      f"{params or 'no finished trial'}")
         if row.get("mlflow_runs"):
             lines.append(f"{'':<8}mlflow child runs: {row['mlflow_runs']}")

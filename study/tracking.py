@@ -20,16 +20,51 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-__all__ = ["StudyTracker", "TrialLogger", "git_sha", "VAL_ACC", "VAL_MMD", "VAL_ACTIVE"]
+__all__ = ["StudyTracker", "TrialLogger", "git_sha", "VAL_ACC", "VAL_MMD", "VAL_ACTIVE",
+           "compare_views", "runs_view_url", "TRIALS_VIEW"]
 
 VAL_ACC = "val/cluster_acc"
-# MLflow 3's experiment kind: its UI opens a model-training experiment in the runs view
-# (an untagged one in the GenAI view: traces, token usage).
+# MLflow 3's experiment kind (model training, not GenAI). MLflow 3.17's UI decides its view
+# by a global GenAI / Model training switch instead (default GenAI), so the links this
+# platform prints carry workflowType=machine_learning (runs_view_url).
 EXPERIMENT_KIND = "mlflow.experimentKind"
 MODEL_TRAINING = "custom_model_development"
 VAL_MMD = "val/mmd"
 VAL_ACTIVE = "val/active_components"
 TRACKED_PREFIXES = ("train/", "val/", "test/")
+COMPARED_COLUMNS = (VAL_ACC, "val/ami", VAL_ACTIVE, VAL_MMD)
+"""The metrics the saved runs views show as columns, after the family."""
+
+SHARED_VIEW = "mlflow.sharedViewState."
+"""MLflow's UI opens a saved runs view (filter, sort, columns, charts' filter) from the
+experiment tag SHARED_VIEW + KEY when its URL carries viewStateShareKey=KEY."""
+TRIALS_VIEW = "trials"
+
+
+def compare_views(families: tuple[str, ...], params: list[str], metric: str = VAL_ACC,
+                  mode: str = "max") -> dict[str, dict[str, Any]]:
+    """The runs views a study saves in its experiment: every trial (`trials`) and each
+    family's (`trials-gmwae`, ...), best `metric` first, with the family, the metric, the
+    compared metrics and the searched `params` as columns, and the charts limited to val/."""
+    metrics = [metric, *(m for m in COMPARED_COLUMNS if m != metric)]
+    base = {"orderByKey": f"metrics.`{metric}`", "orderByAsc": mode == "min",
+            "selectedColumns": ["tags.`family`", *(f"metrics.`{m}`" for m in metrics),
+                                *(f"params.`{p}`" for p in params)],
+            "chartsSearchFilter": "val/", "hideEmptyCharts": True}
+    views = {TRIALS_VIEW: {**base, "searchFilter": "tags.role = 'trial'"}}
+    for family in families:
+        views[f"{TRIALS_VIEW}-{family}"] = {
+            **base, "searchFilter": f"tags.role = 'trial' and tags.family = '{family}'"}
+    return views
+
+
+def runs_view_url(ui: str, experiment_id: str, view: str = TRIALS_VIEW,
+                  charts: bool = False) -> str:
+    """A link that opens the experiment's runs in MLflow's UI with a saved view: the table,
+    or with `charts` every shown run's val/ curves side by side."""
+    url = (f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+           f"&viewStateShareKey={view}")
+    return url + ("&compareRunsMode=CHART" if charts else "")
 
 
 def git_sha() -> str:
@@ -102,6 +137,13 @@ class StudyTracker:
                 self.experiment_id, run_name=study,
                 tags={"role": "study", "study": study, "git_sha": git_sha(),
                       **source_tags(git_sha())}).info.run_id
+
+    def log_views(self, families: tuple[str, ...], params: list[str], metric: str = VAL_ACC,
+                  mode: str = "max") -> None:
+        """Save the compare_views in the experiment (replaced on resume)."""
+        for key, state in compare_views(families, params, metric, mode).items():
+            self.client.set_experiment_tag(self.experiment_id, SHARED_VIEW + key,
+                                           json.dumps(state))
 
     def log_spec(self, spec_dict: dict, mask: Callable[[str], str] = str) -> None:
         """The spec as the parent run's artifact and params (`trials`, `fixed.batch_size`,

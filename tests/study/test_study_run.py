@@ -12,6 +12,7 @@ import pytest
 from study.runner import run_study
 from study.spec import load_spec
 from study.status import study_status
+from study.trial_states import SCORED_STATES
 
 ROOT = Path(__file__).parents[2]
 GMWAE = str(Path(sys.executable).parent / "gmwae")
@@ -52,9 +53,9 @@ def test_a_diverging_trial_is_marked_failed_and_the_study_goes_on(tmp_path, ray_
 
     wae = trials_of(tmp_path, "nan-study/gmwae")
     assert [t.state.name for t in wae].count("FAIL") == 1
-    assert [t.state.name for t in wae].count("COMPLETE") == spec.trials - 1
+    assert sum(t.state.name in SCORED_STATES for t in wae) == spec.trials - 1
     assert wae[0].state.name == "FAIL" and wae[0].params["K"] == 10  # the paper point, enqueued first
-    assert all(t.state.name == "COMPLETE" for t in trials_of(tmp_path, "nan-study/gmvae"))
+    assert all(t.state.name in SCORED_STATES for t in trials_of(tmp_path, "nan-study/gmvae"))
     assert summary["gmwae"]["failed"] == 1 and summary["gmvae"]["failed"] == 0
 
     runs, client = runs_of(tmp_path, "nan-study")
@@ -89,7 +90,7 @@ def test_cli_runs_the_smoke_study_into_real_stores(tmp_path):
         time.sleep(1)
     stdout, stderr = proc.communicate(timeout=900)
     assert proc.returncode == 0, stderr[-4000:]
-    assert "best validation accuracy per family" in stdout
+    assert "best val/ami (max) per family" in stdout  # the smoke space searches K
     assert seen_while_running is not None
     assert sum(seen_while_running["gmwae"]["states"].values()) <= spec.trials
 
@@ -98,13 +99,15 @@ def test_cli_runs_the_smoke_study_into_real_stores(tmp_path):
     assert final.returncode == 0, final.stderr
     rows = {line.split()[0]: line.split() for line in final.stdout.splitlines()[2:]
             if line.startswith(("gmwae", "gmvae"))}
-    for family in ("gmwae", "gmvae"):
-        assert rows[family][1:5] == [str(spec.trials), str(spec.trials), "0", "0"]
+    for family in ("gmwae", "gmvae"):  # requested, complete, pruned, running, failed
+        pruned = sum(t.state.name == "PRUNED" for t in trials_of(tmp_path, f"smoke/{family}"))
+        assert rows[family][1:6] == [str(spec.trials), str(spec.trials - pruned), str(pruned),
+                                     "0", "0"]
 
     for family in ("gmwae", "gmvae"):
         trials = trials_of(tmp_path, f"smoke/{family}")
         assert len(trials) == spec.trials
-        assert all(t.state.name == "COMPLETE" and 0 <= t.value <= 1 for t in trials)
+        assert all(t.state.name in SCORED_STATES and 0 <= t.value <= 1 for t in trials)
         assert trials[0].params["K"] == 10 and trials[0].params["latent_dim"] == 10
         assert ("lambda_mmd" in trials[0].params) == (family == "gmwae")
 
@@ -131,5 +134,9 @@ def test_cli_runs_the_smoke_study_into_real_stores(tmp_path):
             history = client.get_metric_history(child["run_id"], key)
             assert [m.step for m in history] == list(range(1, iterations + 1)), key
         figures = [a.path for a in client.list_artifacts(child["run_id"], "figures")]
+        # ASHA's stops are Optuna's PRUNED trials, and only those
+        state = trials_of(tmp_path, f"smoke/{child['tags.family']}")[int(child["tags.optuna_trial"])]
+        assert (state.state.name == "PRUNED") == (child["tags.stopped_early"] == "true")
+        assert (state.user_attrs.get("stopped_by") == "ASHA") == (state.state.name == "PRUNED")
         if child["tags.stopped_early"] == "false":
             assert "figures/label_by_k.png" in figures
