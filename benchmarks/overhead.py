@@ -48,7 +48,7 @@ def direct(spec, tmp: Path) -> float:
 
     from gmwae_core import Trainer, load_splits, save_checkpoint
     from gmwae_core.figures import write_figures
-    from study.runner import resolve_study_data
+    from study.stores import resolve_study_data
 
     spec = resolve_study_data(spec)
     torch.set_num_threads(int(spec.resources.cpu))

@@ -93,7 +93,8 @@ def load_study_data(spec, mlflow_url: Optional[str] = None, with_history: bool =
     import optuna
     from mlflow.tracking import MlflowClient
 
-    from study.runner import open_optuna_storage, recorded_spec
+    from study.resume import recorded_spec
+    from study.stores import open_optuna_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_optuna_storage(spec.store("optuna"))

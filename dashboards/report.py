@@ -16,12 +16,14 @@ from typing import Any, Optional
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from gmwae_core.families import FAMILY_DEFS
+
 from . import data as D
 
 __all__ = ["build_report", "write_report"]
 
-COLORS = {"gmwae": "#1f77b4", "gmvae": "#d62728"}
-LABELS = {"gmwae": "GM-WAE", "gmvae": "GM-VAE"}
+COLORS = {name: f.colour for name, f in FAMILY_DEFS.items()}
+LABELS = {name: f.label for name, f in FAMILY_DEFS.items()}
 PARAM_ORDER = ("lambda_mmd", "prior_overlap", "latent_dim", "K", "lr", "batch_size",
                "decoder_width")
 LOG_PARAMS = {"lambda_mmd", "prior_overlap", "lr"}

@@ -14,6 +14,8 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
+from .families import FAMILY_DEFS as _FAMILIES
+
 __all__ = [
     "ConfigError",
     "FAMILIES",
@@ -32,10 +34,12 @@ __all__ = [
     "coerce_field",
 ]
 
-FAMILIES = ("gmwae", "gmvae")
-FAMILY_ONLY: dict[str, tuple[str, ...]] = {"lambda_mmd": ("gmwae",), "recon_weight": ("gmwae",)}
-"""Config keys (bare names) only some families use: the MMD term's weight and the
-reconstruction cost's are GM-WAE's (Eq. 4); GM-VAE's ELBO has neither."""
+FAMILIES = tuple(_FAMILIES)
+"""The families' names (gmwae_core.families defines each)."""
+FAMILY_ONLY: dict[str, tuple[str, ...]] = {
+    key: tuple(f.name for f in _FAMILIES.values() if key in f.own_keys)
+    for key in sorted({k for f in _FAMILIES.values() for k in f.own_keys})}
+"""Config keys (bare names) only some families use, and which (lambda_mmd: gmwae)."""
 DATASETS = ("mnist", "fashion-mnist", "digits", "synthetic")
 DEVICES = ("auto", "cpu", "cuda")
 

@@ -25,6 +25,7 @@ import math
 from dataclasses import dataclass
 
 from .config import RunConfig
+from .families import FAMILY_DEFS
 
 __all__ = ["StepMemory", "step_memory", "gpu_share", "MMD_BLOCKS", "DECODER_SAVED", "GIB"]
 
@@ -70,7 +71,7 @@ def step_memory(cfg: RunConfig) -> StepMemory:
     """The memory one training step of `cfg` needs (see the module's docstring)."""
     m, b = cfg.model, cfg.train.batch_size
     images = b * m.K * m.num_samples
-    mmd = MMD_BLOCKS * 4.0 * images ** 2 if cfg.family == "gmwae" else 0.0
+    mmd = MMD_BLOCKS * 4.0 * images ** 2 if FAMILY_DEFS[cfg.family].holds_mmd else 0.0
     decoder = DECODER_SAVED * 4.0 * images * (686 * m.decoder_width + 2352)
     return StepMemory(images, mmd, decoder, float(BASE_BYTES))
 

@@ -26,8 +26,9 @@ from .data import Splits
 from .metrics import (active_from_counts, assignment_entropy, clustering_metrics, label_by_k,
                       majority_labels)
 from .networks import GMLVM
+from .families import FAMILY_DEFS, StepOutputs
 from .objectives import (kl_categorical_uniform, kl_diag_gaussians, moment_matching_loss,
-                         vae_objective, wae_objective, weighted_mmd)
+                         weighted_mmd)
 from .priors import MixturePrior
 
 __all__ = ["Trainer", "EvalResult", "NonFiniteLossError", "resolve_device"]
@@ -161,14 +162,8 @@ class Trainer:
             z_q = self.model.sample_z(q_z_mean, q_z_logvar, m.num_samples, self.generator)
         with record_function("decoder"):
             x_rec_logits = self._decode(z_q)  # (B, K, S, 1, 28, 28): all codes, one pass
-        if self.cfg.family == "gmwae":
-            with record_function("mmd"):
-                z_p = self.prior.sample((x.shape[0], m.num_samples), self.generator)  # (B, S, K, d)
-                loss, terms = wae_objective(x, x_rec_logits, q_k_logits, z_q,
-                                            z_p.transpose(1, 2), m.lambda_mmd, m.recon_weight)
-        else:
-            loss, terms = vae_objective(x, x_rec_logits, q_k_logits, q_z_mean, q_z_logvar,
-                                        self.prior.means, self.prior.sigma0 ** 2)
+        loss, terms = FAMILY_DEFS[self.cfg.family].loss(StepOutputs(
+            x, x_rec_logits, q_k_logits, q_z_mean, q_z_logvar, z_q, self.prior, self.generator), m)
         return loss, terms, q_k_logits
 
     def optimizer_step(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -340,8 +335,7 @@ class Trainer:
         }
 
     def _history_keys(self) -> list[str]:
-        terms = ["loss", "recon", "mmd"] if self.cfg.family == "gmwae" else [
-            "loss", "recon", "kl_continuous", "kl_discrete"]
+        terms = list(FAMILY_DEFS[self.cfg.family].terms)
         # "time" last: a checkpoint written before it existed loads without it
         return ["step", *terms, "assignment_entropy", "active_components", "time"]
 

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .export import ExportError, chosen_trials
-from .runner import _family_trainable, _open_tracker, connect_ray, resolve_study_data
+from .runner import connect_ray, family_trainable
+from .stores import open_tracker, resolve_study_data
 from .spec import StudySpec
 from .tracking import TrialLogger
 from .trial_states import best_value
@@ -90,7 +91,7 @@ def confirm_study(spec: StudySpec, seeds: int = 5, out: Optional[str | Path] = N
     seed_list = confirm_seeds(spec, seeds)
     best = {family: trials[0] for family, trials in chosen_trials(spec, 1).items()}
     spec = resolve_study_data(spec)
-    tracker = _open_tracker(spec)
+    tracker = open_tracker(spec)
     out = Path(out or Path("runs") / spec.name / "confirm")
     ray_storage = connect_ray(spec, address)
     dataset = describe_splits(spec.run_config(spec.families[0], {}).data)
@@ -99,7 +100,7 @@ def confirm_study(spec: StudySpec, seeds: int = 5, out: Optional[str | Path] = N
                              "confirm_batch": batch}
     for family, trial in best.items():
         params = trial.params
-        fn = _family_trainable(trainable or train_trial,
+        fn = family_trainable(trainable or train_trial,
                                TrialSetup(spec, family, test_at_end=True))
         tuner = tune.Tuner(
             tune.with_resources(fn, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}),

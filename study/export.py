@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from gmwae_core.config import ConfigError
+from gmwae_core.families import FAMILY_DEFS
 
-from .runner import (StoreError, mask_url, open_optuna_storage, recorded_objective,
-                     sqlite_file_missing)
+from .resume import recorded_objective
+from .stores import StoreError, mask_url, open_optuna_storage, sqlite_file_missing
 from .spec import StudySpec
 from .trial_states import best_value, scored_trials
 
@@ -80,13 +81,13 @@ def chosen_trials(spec: StudySpec, top: int, families: Optional[list[str]] = Non
 def _registry_client(spec: StudySpec, registry_uri: Optional[str]):
     from mlflow.tracking import MlflowClient
 
-    from .runner import _probe_http
+    from .stores import probe_http
 
     tracking = spec.store("mlflow")
     registry = registry_uri or tracking
     for url in {tracking, registry}:
         if url.startswith(("http://", "https://")):
-            _probe_http(url)
+            probe_http(url)
     client = MlflowClient(tracking, registry_uri=registry)
     try:
         client.search_registered_models(max_results=1)
@@ -296,21 +297,24 @@ def _register(client, spec: StudySpec, family: str, trial, folder: Path, run_id:
 def _model_card(spec: StudySpec, family: str, trial, cfg, metrics: dict) -> str:
     from gmwae_core.figures import FIGURE_NAMES
 
-    name = "GM-WAE" if family == "gmwae" else "GM-VAE"
+    fam = FAMILY_DEFS[family]
+    name = fam.label
     m = cfg.model
     lines = [f"# {name}, study `{spec.name}`, trial {trial.number}", "",
              f"Exported from the {spec.dataset} study `{spec.name}` (Optuna trial {trial.number}, "
              f"Tune trial {trial.user_attrs.get('tune_trial_id')}), at the iteration with the best "
-             f"validation cluster accuracy ({trial.user_attrs.get('best_iteration')} of "
+             f"{spec.objective.metric} ({trial.user_attrs.get('best_iteration')} of "
              f"{spec.max_iterations}). No training happened at export.", "",
              "## Model", "",
              f"K = {m.K} components, latent dimension d = {m.latent_dim}, prior overlap "
              f"{m.prior_overlap:.4g}, decoder width {m.decoder_width}"
-             + (f", lambda = {m.lambda_mmd:.4g}" if family == "gmwae" else "") + ".", "",
+             + "".join(f", {k} = {getattr(m, k):.4g}" for k in fam.own_keys) + f". It "
+             f"minimises {fam.equation}.", "",
              "Searched values: " + ", ".join(f"`{k}={v:.4g}`" if isinstance(v, float) else
                                              f"`{k}={v}`" for k, v in sorted(trial.params.items())),
              "", "## Metrics", "", "| metric | val | test |", "|---|---:|---:|"]
-    for key in ("cluster_acc", "cluster_acc_greedy", "nmi", "ari", "active_components",
+    for key in ("cluster_acc", "cluster_acc_greedy", "cluster_acc_many", "nmi", "ari", "ami",
+                "active_components",
                 "assignment_entropy", "mmd", "recon_mse"):
         v, t = metrics.get(f"val/{key}"), metrics.get(f"test/{key}")
         lines.append(f"| {key} | {'' if v is None else f'{v:.4f}'} | "

@@ -9,7 +9,6 @@ any trial starts.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import re
@@ -19,96 +18,13 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .cluster import ClusterError
-from .objective import DEFAULT_METRIC, Objective
-from .spec import SpecError, StudySpec
-from .tracking import VAL_ACTIVE, StudyTracker, TrialLogger
+from .objective import Objective
+from .resume import StudyExistsError, comparable
+from .spec import StudySpec
+from .stores import mask_url, open_optuna_storage, open_tracker, resolve_study_data
+from .tracking import VAL_ACTIVE, TrialLogger
 
-__all__ = ["run_study", "resolve_study_data", "mask_url", "open_optuna_storage", "StoreError",
-           "StudyExistsError", "recorded_spec", "load_recorded_spec", "spec_for_resume"]
-
-
-class StoreError(SpecError):
-    """A store named by the spec cannot be reached or opened."""
-
-
-def mask_url(url: str) -> str:
-    """The URL with any password replaced by ***."""
-    return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", url)
-
-
-def sqlite_file_missing(url: str) -> bool:
-    """True for a sqlite:/// URL whose file does not exist (opening it would create it)."""
-    return url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).expanduser().is_file()
-
-
-def _ensure_sqlite_folder(url: str) -> None:
-    if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
-
-
-def open_optuna_storage(url: str):
-    import optuna
-    import sqlalchemy.exc
-
-    _ensure_sqlite_folder(url)
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
-    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as e:
-        raise StoreError(f"Cannot open the Optuna storage {mask_url(url)}: "
-                         f"{type(e).__name__}: {str(e).splitlines()[0]}. Check storage.optuna "
-                         f"in the spec (sqlite:///FILE or postgresql://USER:PASS@HOST/DB).") from None
-
-
-def _probe_http(url: str, timeout: float = 5.0) -> None:
-    """Fail fast on an unreachable tracking server (MLflow's client retries for minutes)."""
-    import urllib.error
-    import urllib.request
-
-    try:
-        urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout).read()
-    except (urllib.error.URLError, OSError) as e:
-        raise StoreError(f"Cannot reach the MLflow tracking server {mask_url(url)}: {e}. Start it, "
-                         f"forward its port, or fix storage.mlflow in the spec.") from None
-
-
-def _with_retries(make: Callable, attempts: int = 3, wait: float = 2.0):
-    """make(), tried again on a transient database error (two processes creating the same
-    sqlite schema at once: a driver and a `study status` reader)."""
-    import time
-
-    import sqlalchemy.exc
-
-    for attempt in range(attempts):
-        try:
-            return make()
-        except Exception as e:  # noqa: BLE001 - MLflow wraps SQLAlchemy's errors in its own
-            transient = isinstance(e, sqlalchemy.exc.OperationalError) or \
-                "OperationalError" in str(e)
-            if not transient or attempt == attempts - 1:
-                raise
-            time.sleep(wait)
-
-
-def _open_tracker(spec: StudySpec) -> StudyTracker:
-    url = spec.store("mlflow")
-    _ensure_sqlite_folder(url)
-    if url.startswith(("http://", "https://")):
-        _probe_http(url)
-    # The first contact fails fast (a wrong password or a broken server is reported now);
-    # later calls keep MLflow's retries, which ride out a tracking server restart.
-    saved = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
-    try:
-        return _with_retries(lambda: StudyTracker(url, spec.name))
-    except Exception as e:  # noqa: BLE001 - any failure to reach the store means the same
-        raise StoreError(f"Cannot reach the MLflow tracking store {mask_url(url)}: "
-                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Check "
-                         f"storage.mlflow in the spec (sqlite:///FILE or http://HOST:PORT).") from None
-    finally:
-        if saved is None:
-            os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
-        else:
-            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = saved
+__all__ = ["run_study", "connect_ray", "trial_bundle", "family_trainable"]
 
 
 def trial_bundle(spec: StudySpec) -> dict[str, float]:
@@ -168,99 +84,6 @@ def connect_ray(spec: StudySpec, address: Optional[str], announce: bool = True) 
     return ray_storage
 
 
-def resolve_study_data(spec: StudySpec) -> StudySpec:
-    """Check the data folder on the driver and give trials its absolute path.
-
-    Trials run in their own working folders (and, on a cluster, on other nodes), so a
-    relative --data-dir or GMWAE_DATA_DIR would not resolve there.
-    """
-    from gmwae_core.data import find_idx_files, resolve_data_dir
-
-    folder = resolve_data_dir(spec.run_config(spec.families[0], {}).data)
-    if spec.dataset not in ("mnist", "fashion-mnist") or folder is None:
-        return spec
-    find_idx_files(folder)  # DataError naming the missing files, before any trial starts
-    return dataclasses.replace(spec, data_dir=str(folder.resolve()))
-
-
-# Keys a resumed study may change; any other difference would mix incomparable trials.
-RESUMABLE_CHANGES = ("trials", "max_concurrent", "max_failures", "resources", "data_dir",
-                     "storage", "node_wait_minutes", "run_families")
-
-
-class StudyExistsError(SpecError):
-    """`study run` on a name whose stores already hold trials."""
-
-
-def recorded_spec(storage, spec: StudySpec) -> Optional[dict]:
-    """The spec a study was started with, as recorded on its Optuna studies (None: no study)."""
-    import optuna
-
-    for family in spec.families:
-        try:
-            study = optuna.load_study(study_name=f"{spec.name}/{family}", storage=storage)
-        except KeyError:
-            continue
-        if "spec" in study.user_attrs:
-            return study.user_attrs["spec"]
-    return None
-
-
-def recorded_objective(storage, spec: StudySpec) -> Objective:
-    """The objective the study ran with (its recorded spec's metric and mode): a spec file
-    passed to status or export may leave them out; before they existed, val/cluster_acc."""
-    recorded = recorded_spec(storage, spec)
-    if recorded is None:
-        return spec.objective
-    return Objective(recorded.get("metric") or DEFAULT_METRIC, recorded.get("mode"))
-
-
-def load_recorded_spec(spec: StudySpec) -> Optional[dict]:
-    """recorded_spec from the spec's Optuna storage; None (and no file made) when it is absent."""
-    url = spec.store("optuna")
-    if sqlite_file_missing(url):
-        return None
-    return recorded_spec(open_optuna_storage(url), spec)
-
-
-def spec_for_resume(spec: StudySpec, recorded: Optional[dict],
-                    overrides: Optional[dict] = None, compare: bool = True) -> StudySpec:
-    """The recorded spec with the given one's stores (and `overrides`, e.g. trials).
-
-    Raises SpecError naming each changed key when `spec` differs from the recorded one in
-    anything but RESUMABLE_CHANGES, or when there is nothing to resume.
-    """
-    from .spec import spec_from_dict
-
-    if recorded is None:
-        raise SpecError(f"No study {spec.name!r} to resume in {mask_url(spec.store('optuna'))}. "
-                        f"Start it with `gmwae study run SPEC`, or pass the spec file it ran "
-                        f"with (its stores say where it is).")
-    # a study recorded before `metric` and `mode` existed optimised val/cluster_acc, max
-    recorded = {"metric": DEFAULT_METRIC, "mode": "max", **recorded}
-    given = spec.to_dict()
-    changed = [k for k in given if compare and k not in RESUMABLE_CHANGES and k != "name"
-               and _comparable(given[k]) != _comparable(recorded.get(k))]
-    if changed:
-        detail = "; ".join(f"{k}: recorded {recorded.get(k)!r}, now {given[k]!r}" for k in changed)
-        raise SpecError(f"Cannot resume study {spec.name!r}: its spec changed in {detail}. Trials "
-                        f"with these settings would not be comparable with the recorded ones. "
-                        f"Restore the spec, or run it as a new study with --name NEW.")
-    merged = {**recorded, "storage": given["storage"], "data_dir": given["data_dir"],
-              "max_failures": given["max_failures"],
-              "resources": given["resources"], "max_concurrent": given["max_concurrent"],
-              "node_wait_minutes": given["node_wait_minutes"],
-              "run_families": given["run_families"],
-              **(overrides or {})}
-    return spec_from_dict(merged, f"study {spec.name}")
-
-
-def _comparable(value: Any) -> Any:
-    import json
-
-    return json.loads(json.dumps(value))  # tuples -> lists, as recorded
-
-
 def run_study(spec: StudySpec, address: Optional[str] = None, verbose: int = 1,
               trainable: Optional[Callable] = None, resume: bool = False) -> dict[str, Any]:
     """Run every family's search to its trial budget; returns {family: best row}.
@@ -273,7 +96,6 @@ def run_study(spec: StudySpec, address: Optional[str] = None, verbose: int = 1,
     # Tune warns on every short iteration that snapshots are frequent; they are cheap here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     import optuna
-    from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     from gmwae_core.data import describe_splits
@@ -299,7 +121,7 @@ def run_study(spec: StudySpec, address: Optional[str] = None, verbose: int = 1,
             f"Study {spec.name!r} already exists: {n} trials in {mask_url(spec.store('optuna'))}. "
             f"Continue it with `gmwae study resume {spec.name}` (or `study run SPEC --resume`), "
             f"or start a new study with `--name NEW`.")
-    tracker = _open_tracker(spec)
+    tracker = open_tracker(spec)
     tracker.log_spec(spec.to_dict(), mask=mask_url)
     space = spec.search_space
     tracker.log_views(spec.families, sorted({p.name for p in space.params}),
@@ -317,7 +139,7 @@ def run_study(spec: StudySpec, address: Optional[str] = None, verbose: int = 1,
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 study.set_metric_names([objective.metric])
-        study.set_user_attr("spec", _comparable(spec.to_dict()))
+        study.set_user_attr("spec", comparable(spec.to_dict()))
         if plan.exists:
             stale_runs_closed(storage, plan.study_name, tracker.client, tracker.experiment_id,
                               family)
@@ -373,7 +195,7 @@ def _run_group(spec: StudySpec, parts: dict[str, dict[str, Any]], fn: Callable,
     if len(families) == 1:
         (family, part), = parts.items()
         searcher, scheduler, callbacks = part["searcher"], part["scheduler"], part["callbacks"]
-        trial_fn = _family_trainable(fn, part["setup"])
+        trial_fn = family_trainable(fn, part["setup"])
         name = f"{spec.name}-{family}"
     else:
         searcher = FamilySearch({f: p["searcher"] for f, p in parts.items()},
@@ -423,7 +245,7 @@ def _families_trainable(fn: Callable, setups: dict[str, Any]) -> Callable:
     return trial
 
 
-def _family_trainable(fn: Callable, setup: Any) -> Callable:
+def family_trainable(fn: Callable, setup: Any) -> Callable:
     """fn(config, setup) as a one-argument trainable named after the family.
 
     A closure rather than tune.with_parameters: with_parameters keys its object store

@@ -183,7 +183,7 @@ class StudySpec:
         except ConfigError as e:
             raise SpecError(str(e)) from None
         object.__setattr__(self, "mode", objective.mode)
-        self.run_config("gmwae", {})  # the fixed values must make a valid run config
+        self.run_config(self.families[0], {})  # the fixed values must make a valid run config
         for family in self.families:  # and so must the space's corners, before any trial
             for corner in space.corners(family):
                 self.run_config(family, corner)

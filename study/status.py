@@ -28,7 +28,7 @@ def find_spec(name_or_path: str, studies_dir: str | Path = "studies") -> StudySp
 
 def study_exists(spec: StudySpec) -> None:
     """Raise SpecError when the study's sqlite Optuna storage does not exist (and make none)."""
-    from .runner import mask_url, sqlite_file_missing
+    from .stores import mask_url, sqlite_file_missing
 
     url = spec.store("optuna")
     if sqlite_file_missing(url):
@@ -41,7 +41,8 @@ def study_status(spec: StudySpec) -> dict[str, Any]:
     import optuna
     from mlflow.tracking import MlflowClient
 
-    from .runner import open_optuna_storage, recorded_objective, recorded_spec
+    from .resume import recorded_objective, recorded_spec
+    from .stores import open_optuna_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study_exists(spec)

@@ -61,6 +61,7 @@ def mmd_study(tmp_path_factory):
     return load_spec(spec_file, sets=["metric=val/mmd"]), spec_file, folder, done.stdout
 
 
+@pytest.mark.slow
 def test_minimising_mmd_ranks_lowest_first_everywhere(mmd_study):
     from dashboards import data as D
     from study.export import chosen_trials

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from study.runner import StoreError, mask_url, open_optuna_storage, run_study
+from study.runner import run_study
+from study.stores import StoreError, mask_url, open_optuna_storage
 from study.spec import SpecError, load_spec, spec_from_dict
 
 ROOT = Path(__file__).parents[2]
@@ -109,7 +110,7 @@ def test_a_missing_data_folder_is_rejected_before_any_trial(tmp_path):
 
 
 def test_a_relative_data_folder_reaches_trials_as_an_absolute_path(tmp_path, monkeypatch):
-    from study.runner import resolve_study_data
+    from study.stores import resolve_study_data
 
     monkeypatch.chdir(ROOT)
     spec = spec_from_dict({"name": "d", "dataset": "mnist", "data_dir": "../shared/data/mnist"})

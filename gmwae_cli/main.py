@@ -24,6 +24,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from gmwae_core.config import FAMILIES
+
 __all__ = ["main"]
 
 EXIT_USER_ERROR = 2
@@ -33,7 +35,7 @@ EXIT_TRAINING_FAILED = 1
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train one GM-WAE or GM-VAE and write metrics, figures, "
                                      "checkpoint")
-    p.add_argument("--family", choices=["gmwae", "gmvae"], default="gmwae")
+    p.add_argument("--family", choices=list(FAMILIES), default=FAMILIES[0])
     p.add_argument("--preset", choices=["paper", "cpu"], default="cpu",
                    help="paper: Section 3 of the paper (GPU); cpu: narrower decoder, S=1 (default)")
     p.add_argument("--dataset", choices=["mnist", "fashion-mnist", "digits", "synthetic"],
@@ -101,7 +103,7 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
                                                  "and the MLflow Model Registry (no training)")
     export.add_argument("study", help="a study name or the spec file it ran with")
     export.add_argument("--top", type=int, default=1, help="trials per family (default 1)")
-    export.add_argument("--family", choices=["gmwae", "gmvae"], action="append", default=None,
+    export.add_argument("--family", choices=list(FAMILIES), action="append", default=None,
                         help="only this family (repeatable; default: the study's families)")
     export.add_argument("--out", required=True, help="a new (or empty) folder")
     export.add_argument("--registry-uri", default=None,
@@ -270,21 +272,21 @@ def describe_spec(spec) -> str:
 
 def _study(args: argparse.Namespace) -> int:
     if args.study_command == "validate":
-        from .spec import load_spec
+        from study.spec import load_spec
 
         print(describe_spec(load_spec(args.spec, sets=args.sets)))
         return 0
     if args.study_command == "status":
-        from .status import find_spec, format_status, study_status
+        from study.status import find_spec, format_status, study_status
 
         spec = find_spec(args.study)
         print(format_status(spec, study_status(spec)))
         print(compare_hint(spec))
         return 0
     if args.study_command == "confirm":
-        from .confirm import confirm_study
-        from .runner import load_recorded_spec, spec_for_resume
-        from .status import find_spec
+        from study.confirm import confirm_study
+        from study.resume import load_recorded_spec, spec_for_resume
+        from study.status import find_spec
 
         spec = find_spec(args.study)
         spec = spec_for_resume(spec, load_recorded_spec(spec), compare=False)
@@ -295,8 +297,8 @@ def _study(args: argparse.Namespace) -> int:
               f"parent run, under confirm/)")
         return 0
     if args.study_command == "export":
-        from .export import export_study
-        from .status import find_spec
+        from study.export import export_study
+        from study.status import find_spec
 
         rows = export_study(find_spec(args.study), args.out, args.top, args.family,
                             args.registry_uri)
@@ -310,9 +312,11 @@ def _study(args: argparse.Namespace) -> int:
         print(f"wrote {Path(args.out) / 'export.json'}; check one with "
               f"`gmwae evaluate {rows[0]['folder']} --check`")
         return 0
-    from .runner import load_recorded_spec, mask_url, run_study, spec_for_resume
-    from .spec import apply_sets, load_spec, spec_from_dict
-    from .status import find_spec
+    from study.resume import load_recorded_spec, spec_for_resume
+    from study.runner import run_study
+    from study.stores import mask_url
+    from study.spec import apply_sets, load_spec, spec_from_dict
+    from study.status import find_spec
 
     overrides: dict = {}
     if args.trials is not None:
@@ -362,8 +366,8 @@ def compare_hint(spec) -> str:
     """How to open the study in MLflow's UI and optuna-dashboard, with the saved views."""
     from mlflow.tracking import MlflowClient
 
-    from .runner import mask_url
-    from .tracking import runs_view_url
+    from study.stores import mask_url
+    from study.tracking import runs_view_url
 
     mlflow_store = spec.store("mlflow")
     served = mlflow_store.startswith(("http://", "https://"))
@@ -381,7 +385,7 @@ def _dashboard(args: argparse.Namespace) -> int:
 
     from dashboards.report import write_report
 
-    from .status import find_spec
+    from study.status import find_spec
 
     start = time.monotonic()
     out = write_report(find_spec(args.study), args.out, args.mlflow_url, not args.no_log)
