@@ -113,10 +113,10 @@ def test_resume_refuses_a_changed_spec_and_a_missing_study(tmp_path):
     assert first.returncode == 0, first.stderr[-4000:]
     before = [(t.number, t.value) for t in optuna_trials(tmp_path, "smoke/gmwae")]
 
-    changed = spec_file_in(tmp_path, space="default")
+    changed = spec_file_in(tmp_path, space="wide", fixed="{eval_size: 200}")
     refused = gmwae("study", "resume", changed, cwd=tmp_path)
     assert refused.returncode == 2
-    assert "spec changed in space: recorded 'smoke', now 'default'" in refused.stderr
+    assert "spec changed in space: recorded 'smoke', now 'wide'" in refused.stderr
     assert "Traceback" not in refused.stderr
     assert [(t.number, t.value) for t in optuna_trials(tmp_path, "smoke/gmwae")] == before
 

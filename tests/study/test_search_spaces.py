@@ -111,7 +111,7 @@ def test_study_validate_prints_what_would_run_and_touches_nothing(tmp_path):
     assert "objective: max val/ami" in done.stdout
     assert "gmwae searches (inline):\n  K: int 8..20\n  paper point (enqueued first): K=10" \
         in done.stdout
-    assert "fixed (every trial): eval_size=2000, pretrain_steps=300" in done.stdout
+    assert "fixed (every trial): eval_size=2000, pretrain_steps=200" in done.stdout
     warned = gmwae("study", "validate", ROOT / "studies/smoke.yaml", "--set",
                    "metric=val/cluster_acc", cwd=tmp_path, timeout=120)
     assert warned.returncode == 0 and "warning: the space searches K" in warned.stdout
