@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from study.objective import DEFAULT_METRIC, Objective
-from study.trial_states import SCORED_STATES
+from study.trial_states import SCORED_STATES, best_value, scored_trials
 
 __all__ = ["TrialRow", "StudyData", "load_study_data", "overview", "family_comparison",
            "collapse", "search_insight", "learning_curves", "trial_links", "pareto_front",
@@ -127,7 +127,7 @@ def load_study_data(spec, mlflow_url: Optional[str] = None, with_history: bool =
             run = runs.get((family, str(t.number)))
             row = TrialRow(family, t.number, t.state.name,
                            dict(t.params),
-                           best_value=t.user_attrs.get("best_value", t.value),
+                           best_value=best_value(t),
                            iterations=int(t.user_attrs.get("latest_iteration", 0)),
                            stopped_early=t.state.name == "PRUNED",
                            started=t.datetime_start, completed=t.datetime_complete)
@@ -165,14 +165,12 @@ def load_study_data(spec, mlflow_url: Optional[str] = None, with_history: bool =
 
 
 def _importances(study) -> Any:
-    """Optuna's parameter importances for each scored trial's best validation accuracy.
+    """Optuna's parameter importances for each scored trial's best value of the metric.
 
     Optuna reads only COMPLETE trials; a study under ASHA has most of its trials PRUNED,
     so the scored trials are copied, as COMPLETE with their best value, into an in-memory
     study first."""
     import optuna
-
-    from study.trial_states import scored_trials
 
     done = scored_trials(study)
     if len(done) < 2:
@@ -181,7 +179,7 @@ def _importances(study) -> Any:
     copy = optuna.create_study(direction=study.direction)
     copy.add_trials([optuna.trial.create_trial(
         params=t.params, distributions=t.distributions, state=optuna.trial.TrialState.COMPLETE,
-        value=t.user_attrs.get("best_value", t.value)) for t in done])
+        value=best_value(t)) for t in done])
     try:
         return dict(optuna.importance.get_param_importances(copy))
     except (RuntimeError, ValueError) as e:

@@ -392,10 +392,10 @@ def size_gpu_share(spec) -> tuple[Any, list[str]]:
     res = spec.resources
     if res.gpu <= 0:
         return spec, []
-    lines, need, widest = [], 0.0, None
+    lines, need, widest, space = [], 0.0, None, spec.search_space
     for family in spec.families:
-        corner = spec.search_space.widest(family)
-        small = step_memory(spec.run_config(family, spec.search_space.paper_point(family) or {}))
+        corner = space.widest(family)
+        small = step_memory(spec.run_config(family, space.paper_point(family) or {}))
         big_cfg = spec.run_config(family, corner)
         big = step_memory(big_cfg)
         lines.append(f"GPU memory per trial (estimate, gmwae_core/memory.py): {family} "

@@ -78,8 +78,8 @@ class StudySearch(OptunaSearch):
 
     def __init__(self, *args, retry: tuple[int, ...] = (), pruned_below: Optional[int] = None,
                  **kwargs):
-        """`pruned_below`: with ASHA, the iteration budget; a trial that ends without error
-        before it was stopped by the scheduler and becomes a PRUNED Optuna trial."""
+        """`pruned_below`: with ASHA, the iteration budget. A trial that ends without error
+        before it was stopped by the scheduler: it becomes a PRUNED Optuna trial."""
         super().__init__(*args, **kwargs)
         self._retry = list(retry)
         self._pruned_below = pruned_below

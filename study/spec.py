@@ -24,6 +24,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -188,9 +189,9 @@ class StudySpec:
             for corner in space.corners(family):
                 self.run_config(family, corner)
 
-    @property
+    @functools.cached_property
     def search_space(self):
-        """The space, parsed (search_spaces.SearchSpace)."""
+        """The space, parsed once (search_spaces.SearchSpace)."""
         from search_spaces import SpaceError, load_space
 
         try:

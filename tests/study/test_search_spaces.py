@@ -3,13 +3,10 @@ import optuna
 import pytest
 
 from gmwae_core import Trainer, load_splits
+from gmwae_core import PAPER_PRIOR_OVERLAP
 from gmwae_core.config import FAMILIES
 from search_spaces import SpaceError, load_space, space_names
 from study.spec import SpecError, spec_from_dict
-
-OLD_SMOKE = {"gmwae": {"lambda_mmd", "prior_overlap", "latent_dim", "K"},
-             "gmvae": {"prior_overlap", "latent_dim", "K"}}
-
 
 @pytest.mark.parametrize("name", space_names())
 @pytest.mark.parametrize("family", FAMILIES)
@@ -35,23 +32,47 @@ def test_every_shipped_space_samples_configs_the_core_accepts(name, family):
         Trainer(cfg, load_splits(cfg.data)).train_steps(1)
 
 
-def test_the_yaml_smoke_space_has_the_old_named_spaces_parameters_and_ranges():
-    space = load_space("smoke")
-    for family, keys in OLD_SMOKE.items():
-        assert {p.name for p in space.of(family)} == keys
-    by = {p.name: p for p in space.params}
-    assert (by["lambda_mmd"].low, by["lambda_mmd"].high, by["lambda_mmd"].log) == (1.0, 100.0, True)
-    assert by["lambda_mmd"].families == ("gmwae",)
-    assert (by["K"].type, by["K"].low, by["K"].high) == ("int", 8, 12)
-    # the same draws as the old define-by-run function, parameter for parameter
-    a, b = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3)), \
-        optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
-    inline = load_space({"lambda_mmd": {"type": "float", "low": 1.0, "high": 100.0, "log": True,
-                                        "families": ["gmwae"]},
-                         "prior_overlap": {"type": "float", "low": 0.01, "high": 0.2, "log": True},
-                         "latent_dim": {"type": "int", "low": 4, "high": 10},
-                         "K": {"type": "int", "low": 8, "high": 12}})
-    assert space(a.ask(), "gmwae") == inline(b.ask(), "gmwae")
+def old_smoke(trial, family):
+    """search_spaces.smoke before the spaces moved to YAML (commit 787ce3d)."""
+    out = {}
+    if family == "gmwae":
+        out["lambda_mmd"] = trial.suggest_float("lambda_mmd", 1.0, 100.0, log=True)
+    out["prior_overlap"] = trial.suggest_float("prior_overlap", 0.01, 0.2, log=True)
+    out["latent_dim"] = trial.suggest_int("latent_dim", 4, 10)
+    out["K"] = trial.suggest_int("K", 8, 12)
+    return out
+
+
+def old_default(trial, family):
+    """search_spaces.default before the spaces moved to YAML (commit 787ce3d)."""
+    out = {}
+    if family == "gmwae":
+        out["lambda_mmd"] = trial.suggest_float("lambda_mmd", 1.0, 100.0, log=True)
+    out["prior_overlap"] = trial.suggest_float("prior_overlap", 0.005, 0.2, log=True)
+    out["latent_dim"] = trial.suggest_int("latent_dim", 4, 16)
+    out["K"] = trial.suggest_int("K", 8, 16)
+    out["lr"] = trial.suggest_float("lr", 2e-4, 3e-3, log=True)
+    out["batch_size"] = trial.suggest_categorical("batch_size", [32, 64, 128])
+    out["decoder_width"] = trial.suggest_categorical("decoder_width", [16, 32, 64])
+    return out
+
+
+@pytest.mark.parametrize("name, old", [("smoke", old_smoke), ("default", old_default)])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_yaml_spaces_draw_what_the_old_named_spaces_drew(name, old, family):
+    """Same parameters, ranges and scales: the same seeded draws, trial for trial."""
+    space = load_space(name)
+    new_study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    old_study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    for _ in range(5):
+        assert space(new_study.ask(), family) == old(old_study.ask(), family)
+    # and the same paper point as the old _PAPER (+ _PAPER_EXTRA for default)
+    expected = {"lambda_mmd": 10.0, "prior_overlap": PAPER_PRIOR_OVERLAP, "latent_dim": 10, "K": 10}
+    if name == "default":
+        expected.update({"lr": 1e-3, "batch_size": 64, "decoder_width": 32})
+    if family != "gmwae":
+        expected.pop("lambda_mmd")
+    assert space.paper_point(family) == expected
 
 
 def test_an_inline_space_in_the_spec_and_its_paper_point():
