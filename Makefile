@@ -45,10 +45,10 @@ demo: venv
 	$(VENV)/bin/gmwae train --family gmwae --preset cpu --dataset digits --epochs 30 --out runs/demo-digits-gmwae
 
 test: venv sysdeps
-	$(PY) -m pytest -q --durations=30
+	PYTHONFAULTHANDLER=1 $(PY) -m pytest -q --durations=30
 
 test-quick: venv sysdeps
-	$(PY) -m pytest -q -m "not slow"
+	PYTHONFAULTHANDLER=1 $(PY) -m pytest -q -m "not slow"
 
 quality: venv
 	$(PY) benchmarks/quality.py --data-dir $(DATA_DIR) --minutes 20 --out benchmarks/results/quality.json

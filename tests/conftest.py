@@ -34,3 +34,30 @@ def smoke_study(tmp_path_factory):
                       "--quiet", cwd=folder)
     assert confirmed.returncode == 0, confirmed.stderr[-4000:]
     return spec, folder
+
+
+# The suite runs Ray, Tune, gRPC, PyTorch and Playwright in this one process. CI's run of
+# 1083fb4 passed all 211 tests, then died with SIGSEGV while the interpreter tore down
+# their native threads (Ray's own tracker: ray-project/ray#31145). Nothing is left to check
+# by then, so the session ends as it would have, with its exit status, without that
+# teardown; the threads still alive are named, so the cause stays visible.
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session, exitstatus):
+    session.config._gmwae_exitstatus = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    import threading
+
+    status = getattr(config, "_gmwae_exitstatus", None)
+    if status is None or os.environ.get("GMWAE_TEST_TEARDOWN") == "1":
+        return      # GMWAE_TEST_TEARDOWN=1: tear down as usual (to reproduce the crash)
+    alive = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+    if alive:
+        print(f"\nconftest: {len(alive)} threads still alive at exit ({', '.join(alive[:8])}"
+              f"{', ...' if len(alive) > 8 else ''}); exiting with status {status} without "
+              f"interpreter teardown", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
