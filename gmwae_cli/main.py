@@ -62,6 +62,10 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", choices=["mnist", "fashion-mnist", "digits", "synthetic"],
                    default=None, help="default: the checkpoint's dataset")
     p.add_argument("--data-dir", default=None)
+    p.add_argument("--protocol", choices=["standard", "paper"], default=None,
+                   help="paper: train and test pooled, the last 1,000 held out as the test "
+                        "split, and paper/ metrics (the greedy map fitted on the training "
+                        "images); default: the checkpoint's")
     p.add_argument("--json", dest="json_out", default=None, help="also write the metrics here")
     p.add_argument("--assignments", default=None,
                    help="write each test image's cluster here (CSV: index,cluster,label)")
@@ -226,6 +230,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         overrides["dataset"] = args.dataset
     if args.data_dir:
         overrides["data_dir"] = args.data_dir
+    if args.protocol:
+        overrides["protocol"] = args.protocol
     recomputed, saved = evaluate_checkpoint(args.checkpoint, overrides, args.assignments)
     print(f"{'metric':<26}{'recomputed':>12}{'saved':>12}")
     mismatched = []

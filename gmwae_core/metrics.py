@@ -25,11 +25,14 @@ __all__ = [
     "EVAL_METRICS",
     "cluster_acc_hungarian",
     "cluster_acc_greedy",
+    "greedy_labels",
     "majority_labels",
     "cluster_acc_many",
     "label_by_k",
     "active_components",
     "active_from_counts",
+    "active_count",
+    "aggregate_entropy",
     "assignment_entropy",
     "mean_entropy",
     "clustering_metrics",
@@ -95,11 +98,22 @@ def label_by_k(labels: np.ndarray, q_k: np.ndarray, n_labels: int) -> np.ndarray
     return out
 
 
-def cluster_acc_greedy(labels: np.ndarray, q_k: np.ndarray) -> float:
+def cluster_acc_greedy(labels: np.ndarray, q_k: np.ndarray,
+                       k_to_label: np.ndarray | None = None) -> float:
     """The paper's protocol (Section 3.1): give each label the k that maximises its mean
     q(k|x), taking (label, k) pairs in decreasing order of that mean, one k per label;
     a point is right when its argmax k was given its label. Never above Hungarian.
+    `k_to_label`: the map fitted on other images (greedy_labels), e.g. the paper's training
+    images when scoring its held-out 1,000; default: fitted on these.
     """
+    labels = np.asarray(labels)
+    if k_to_label is None:
+        k_to_label = greedy_labels(labels, q_k)
+    return float((k_to_label[q_k.argmax(1)] == labels).mean())
+
+
+def greedy_labels(labels: np.ndarray, q_k: np.ndarray) -> np.ndarray:
+    """The paper's greedy map: (K,) label of each k, -1 for a k no label took."""
     labels = np.asarray(labels)
     n_labels, K = labels.max() + 1, q_k.shape[1]
     means = label_by_k(labels, q_k, n_labels)
@@ -113,13 +127,19 @@ def cluster_acc_greedy(labels: np.ndarray, q_k: np.ndarray) -> float:
             free_k.discard(k)
             if not free_labels or not free_k:
                 break
-    return float((k_to_label[q_k.argmax(1)] == labels).mean())
+    return k_to_label
+
+
+def active_count(counts: torch.Tensor) -> torch.Tensor:
+    """Number of k whose share of the argmax counts (K,) is at least 1/(4K), as a 0-dim
+    tensor on the counts' device (no host synchronisation)."""
+    K = counts.shape[-1]
+    return (counts / counts.sum().clamp_min(1.0) >= 1.0 / (4 * K)).sum()
 
 
 def active_from_counts(counts: np.ndarray | torch.Tensor) -> int:
     """Number of k whose share of the argmax counts (K,) is at least 1/(4K)."""
-    K = len(counts)
-    return int((counts / max(float(counts.sum()), 1.0) >= 1.0 / (4 * K)).sum())
+    return int(active_count(torch.as_tensor(counts, dtype=torch.float64)))
 
 
 def active_components(clusters: np.ndarray, K: int) -> int:
@@ -127,12 +147,16 @@ def active_components(clusters: np.ndarray, K: int) -> int:
     return active_from_counts(np.bincount(clusters, minlength=K))
 
 
+def aggregate_entropy(q_k: torch.Tensor) -> torch.Tensor:
+    """Entropy of the aggregate q(k) = mean_x q(k|x), divided by log K, as a 0-dim tensor on
+    q_k's device (no host synchronisation)."""
+    agg = q_k.mean(0)
+    return -torch.special.xlogy(agg, agg).sum() / math.log(q_k.shape[1])
+
+
 def assignment_entropy(q_k: np.ndarray | torch.Tensor) -> float:
     """Entropy of the aggregate q(k) = mean_x q(k|x), divided by log K: 1 balanced, 0 one mode."""
-    agg = q_k.mean(0)
-    agg = agg[agg > 0]
-    ent = -(agg * (agg.log() if isinstance(agg, torch.Tensor) else np.log(agg))).sum()
-    return float(ent) / math.log(q_k.shape[1])
+    return float(aggregate_entropy(torch.as_tensor(q_k)))
 
 
 def mean_entropy(q_k: np.ndarray) -> float:

@@ -10,7 +10,8 @@ from torch import nn
 
 from .config import ModelConfig
 
-__all__ = ["QKEncoder", "QZEncoder", "Decoder", "GMLVM", "ToOneChannel"]
+__all__ = ["QKEncoder", "QZEncoder", "Decoder", "GMLVM", "ToOneChannel", "PAPER_INIT_STD",
+           "init_paper_"]
 
 IMAGE_SHAPE = (1, 28, 28)
 IMAGE_PIXELS = 28 * 28
@@ -51,7 +52,9 @@ class QZEncoder(nn.Module):
         self.bn = nn.BatchNorm1d(K * hidden)
         self.head_w = nn.Parameter(torch.empty(K, hidden, 2 * latent_dim))
         self.head_b = nn.Parameter(torch.zeros(K, 2 * latent_dim))
-        nn.init.kaiming_uniform_(self.head_w.view(K * hidden, 2 * latent_dim).T, a=5 ** 0.5)
+        # Each head is a Linear(hidden, 2d): PyTorch's default bound 1/sqrt(fan_in), with
+        # fan_in = hidden (not K * hidden, which the stacked (K*hidden, 2d) view would give).
+        nn.init.uniform_(self.head_w, -hidden ** -0.5, hidden ** -0.5)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = torch.relu(self.bn(self.hidden(x.flatten(1))))  # (B, K*h)
@@ -72,6 +75,11 @@ class _ToOneChannelFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, padding):
+        ctx.param_dtype = weight.dtype
+        if torch.is_autocast_enabled(x.device.type):  # run and save in autocast's dtype, so
+            dtype = torch.get_autocast_dtype(x.device.type)  # the backward's dtypes agree
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
         ctx.save_for_backward(x, weight)
         ctx.padding = padding
         k = weight.shape[-1]
@@ -85,11 +93,14 @@ class _ToOneChannelFn(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, weight = ctx.saved_tensors
         p = ctx.padding
+        grad_y = grad_y.to(x.dtype)
         grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
             grad_y.contiguous(memory_format=torch.channels_last), x, weight, None, [1, 1],
             [p, p], [1, 1], True, [0, 0], 1, [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                                              False])
-        grad_b = grad_y.sum((0, 2, 3)) if ctx.needs_input_grad[2] else None
+        if grad_w is not None:
+            grad_w = grad_w.to(ctx.param_dtype)
+        grad_b = grad_y.sum((0, 2, 3)).to(ctx.param_dtype) if ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b, None
 
 
@@ -146,6 +157,28 @@ class Decoder(nn.Module):
         return self.deconv(h).reshape(*lead, *IMAGE_SHAPE)  # (..., 1, 28, 28) logits
 
 
+PAPER_INIT_STD = 0.01
+"""The authors' initial weights: N(0, 0.01^2) (ops.py, `init_std`), biases 0."""
+
+
+@torch.no_grad()
+def init_paper_(model: nn.Module) -> nn.Module:
+    """The authors' initialisation, in place: every convolution, transposed convolution,
+    linear layer and q(z|k,x) head draws its weights from N(0, PAPER_INIT_STD^2) and
+    starts with zero biases; BatchNorm starts at scale 1, shift 0."""
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            module.weight.normal_(0.0, PAPER_INIT_STD)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, QZEncoder):
+            module.head_w.normal_(0.0, PAPER_INIT_STD)
+            module.head_b.zero_()
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.reset_parameters()
+    return model
+
+
 class GMLVM(nn.Module):
     """The Gaussian-mixture latent-variable model: encoders q(k|x), q(z|k,x) and decoder g."""
 
@@ -155,6 +188,8 @@ class GMLVM(nn.Module):
         self.q_k = QKEncoder(cfg.K)
         self.q_z = QZEncoder(cfg.K, cfg.latent_dim, cfg.encoder_hidden)
         self.decoder = Decoder(cfg.latent_dim, cfg.decoder_width)
+        if cfg.init == "paper":
+            init_paper_(self)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, 1, 28, 28) -> q_k_logits (B, K), q_z_mean (B, K, d), q_z_logvar (B, K, d)."""

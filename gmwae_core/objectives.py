@@ -23,6 +23,8 @@ __all__ = [
     "wae_objective",
     "vae_objective",
     "moment_matching_loss",
+    "consistency_kl",
+    "balance_kl",
 ]
 
 # Bandwidths of the inverse-multiquadric kernel mixture, as multiples of c_base = 2 d.
@@ -157,13 +159,41 @@ def vae_objective(x: torch.Tensor, x_rec_logits: torch.Tensor, q_k_logits: torch
 
 def moment_matching_loss(z_q: torch.Tensor, prior_means: torch.Tensor,
                          prior_var: float) -> torch.Tensor:
-    """Encoder pretraining: each q(z|k,x) matches the mean and variance of p(z|k).
+    """Encoder pretraining (the authors' `pretrain_encoder`): each q(z|k,x) matches the mean
+    and the covariance of p(z|k) = N(mu0_k, sigma0^2 I). z_q: (B, K, S, d); per k, over the
+    B*S samples, with m_k their mean and C_k their covariance:
 
-    z_q: (B, K, S, d). Per k, over batch and samples:
-        sum_k ||mean(z_q[:, k]) - mu0_k||^2 + ||var(z_q[:, k]) - sigma0^2||^2, averaged over k.
+        sum_k ||m_k - mu0_k||^2 + ||C_k - sigma0^2 I||_F^2       (summed over k, not averaged)
     """
-    mean = z_q.mean(dim=(0, 2))  # (K, d)
-    var = z_q.var(dim=(0, 2), unbiased=False)  # (K, d)
-    mean_loss = ((mean - prior_means) ** 2).sum(-1)
-    var_loss = ((var - prior_var) ** 2).sum(-1)
-    return (mean_loss + var_loss).mean()
+    B, K, S, d = z_q.shape
+    z = z_q.transpose(1, 2).reshape(B * S, K, d)
+    mean = z.mean(0)  # (K, d)
+    centred = (z - mean).transpose(0, 1)  # (K, BS, d)
+    cov = centred.transpose(1, 2) @ centred / (B * S - 1)  # (K, d, d)
+    eye = torch.eye(d, device=z_q.device, dtype=z_q.dtype)
+    mean_loss = ((mean - prior_means) ** 2).sum()
+    cov_loss = ((cov - prior_var * eye) ** 2).sum()
+    return mean_loss + cov_loss
+
+
+def consistency_kl(q_k_logits: torch.Tensor, q_k_logits_t: torch.Tensor) -> torch.Tensor:
+    """Augmentation consistency of the discrete code, q(k|x) the fixed target:
+
+        E_x KL( sg[q(k|x)] || q(k|T(x)) ) = E_x sum_k q(k|x) (log q(k|x) - log q(k|T(x)))
+
+    (B, K) logits of x and of T(x) -> scalar; 0 exactly when q(k|T(x)) = q(k|x).
+    """
+    log_q = F.log_softmax(q_k_logits.detach(), -1)
+    log_q_t = F.log_softmax(q_k_logits_t, -1)
+    return (log_q.exp() * (log_q - log_q_t)).sum(-1).mean()
+
+
+def balance_kl(q_k_logits: torch.Tensor) -> torch.Tensor:
+    """KL(q(k) || 1/K) of the batch's aggregate q(k) = mean_x q(k|x):
+
+        sum_k q(k) log q(k) + log K
+
+    0 when the batch uses every k equally; log K when it uses one.
+    """
+    agg = torch.softmax(q_k_logits, -1).mean(0)
+    return (agg * torch.log(agg.clamp_min(1e-12))).sum() + math.log(q_k_logits.shape[-1])

@@ -70,6 +70,8 @@ def train_run(cfg: RunConfig, out_dir: str | Path, init_from: Optional[str | Pat
                "run/epochs": float(trainer.epoch), "run/steps": float(trainer.step),
                "run/train_seconds": trainer.train_seconds,
                "run/wall_seconds": time.monotonic() - start}
+    if cfg.data.protocol == "paper":
+        metrics.update(trainer.evaluate_paper())
     for key in ("epoch", "step", "train_seconds"):
         metrics.pop(key)
     save_checkpoint(trainer, out / "checkpoint", metrics)
@@ -88,12 +90,15 @@ def evaluate_checkpoint(directory: str | Path, overrides: Optional[dict] = None,
     `assignments`, also writes each test image's cluster (argmax q(k|x)) and label there
     (CSV: index,cluster,label).
 
-    `overrides` may change the data section only (dataset, data_dir, eval_size, ...).
+    `overrides` may change the data section only (dataset, data_dir, eval_size, protocol,
+    ...). With data.protocol=paper the test split is the paper's held-out 1,000 and the
+    `paper/...` metrics (Trainer.evaluate_paper) come too.
     """
     cfg = read_config(directory)
     if overrides:
         bad = [k for k in overrides if not (k.startswith("data.") or k in
-                                            ("dataset", "data_dir", "eval_size", "val_size"))]
+                                            ("dataset", "data_dir", "eval_size", "val_size",
+                                             "protocol"))]
         if bad:
             raise ConfigError(f"evaluate may only change data settings, but got {bad}. The model "
                              f"settings come from the checkpoint's config.json.")
@@ -101,6 +106,8 @@ def evaluate_checkpoint(directory: str | Path, overrides: Optional[dict] = None,
     trainer = Trainer(cfg, load_splits(cfg.data))
     saved = load_checkpoint(directory, trainer, with_state=False)
     result = trainer.evaluate("test")
+    if cfg.data.protocol == "paper":
+        result.metrics.update(trainer.evaluate_paper())
     if assignments is not None:
         clusters = result.q_k.argmax(1)
         Path(assignments).write_text("index,cluster,label\n" + "".join(

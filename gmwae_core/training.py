@@ -17,21 +17,43 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+import contextlib
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.profiler import record_function
 
 from .config import ConfigError, RunConfig
 from .data import Splits
-from .metrics import (active_from_counts, assignment_entropy, clustering_metrics, label_by_k,
-                      majority_labels)
+from .augment import random_shift_rotate
+from .config import TrainConfig
+from .metrics import (active_count, aggregate_entropy, cluster_acc_greedy, clustering_metrics,
+                      greedy_labels,
+                      label_by_k, majority_labels)
 from .networks import GMLVM
 from .families import FAMILY_DEFS, StepOutputs
-from .objectives import (kl_categorical_uniform, kl_diag_gaussians, moment_matching_loss,
-                         weighted_mmd)
+from .objectives import (balance_kl, consistency_kl, kl_categorical_uniform, kl_diag_gaussians,
+                         moment_matching_loss, weighted_mmd)
 from .priors import MixturePrior
 
-__all__ = ["Trainer", "EvalResult", "NonFiniteLossError", "resolve_device"]
+__all__ = ["Trainer", "EvalResult", "NonFiniteLossError", "resolve_device", "lr_factor",
+           "PAPER_LR_DECAY"]
+
+PAPER_LR_DECAY = ((30, 0.5), (50, 0.1))
+"""The authors' schedule (train.lr_schedule=paper): (from epoch, factor of train.lr)."""
+WARM_START_KMEANS_IMAGES = 10_000  # training images whose codes k-means partitions
+
+
+def lr_factor(train: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """The learning rate of optimiser step `step` (0-based) as a factor of `train.lr`: the
+    linear warm-up over `train.warmup_steps`, times the schedule's factor at that step's
+    epoch (step // steps_per_epoch)."""
+    factor = min(1.0, (step + 1) / train.warmup_steps) if train.warmup_steps else 1.0
+    if train.lr_schedule == "paper":
+        epoch = step // steps_per_epoch
+        factor *= min((decay for start, decay in PAPER_LR_DECAY if epoch >= start), default=1.0)
+    return factor
 
 EVAL_BATCH = 500
 MMD_EVAL_POINTS = 1000  # held-out points in the fixed `mmd` estimator
@@ -76,6 +98,20 @@ def _to_cpu(state: Any) -> Any:
     return state
 
 
+@dataclass
+class _StepStats:
+    """What train_step accumulates on the device between two reads."""
+
+    sums: dict[str, torch.Tensor]
+    counts: torch.Tensor  # (K,) argmax assignments
+    q_k_sum: torch.Tensor  # (K,) summed q(k|x)
+    rows: list[tuple[int, float, torch.Tensor]]  # (step, wall clock, history values)
+
+    @classmethod
+    def on(cls, K: int, device: torch.device) -> "_StepStats":
+        return cls({}, torch.zeros(K, device=device), torch.zeros(K, device=device), [])
+
+
 class Trainer:
     """One GM-WAE or GM-VAE run: model, prior, optimiser, data, counters and history."""
 
@@ -110,6 +146,17 @@ class Trainer:
         self.history: list[dict[str, float]] = []  # every `history_every` steps
         self._perm: Optional[torch.Tensor] = None
         self._pos = 0
+        t = cfg.train
+        self.extra_terms = tuple(name for name, weight in (
+            ("consistency", t.consistency_weight), ("balance", t.balance_weight)) if weight > 0)
+        """Loss terms the options add to the family's (their weights are > 0)."""
+        self.term_names = (*FAMILY_DEFS[cfg.family].terms, *self.extra_terms)
+
+    def _networks_cast(self):
+        """bf16 autocast for the networks when train.precision is bf16, else nothing."""
+        if self.cfg.train.precision == "bf16" and self.device.type != "meta":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     # ---------------------------------------------------------------- training
 
@@ -132,38 +179,108 @@ class Trainer:
         minutes = self.cfg.train.minutes
         return minutes is not None and self.train_seconds + time.monotonic() - start >= 60.0 * minutes
 
+    def _draw(self, n: int) -> torch.Tensor:
+        """`n` training images drawn at random (all of them when the split is smaller)."""
+        n_train = len(self.splits.train_x)
+        if n >= n_train:
+            return self.splits.train_x
+        idx = torch.randint(0, n_train, (n,), generator=self.generator, device=self.device)
+        return self.splits.train_x[idx]
+
     def pretrain(self) -> float:
-        """Fit the q(z|k,x) nets to the prior's per-component moments; returns the last loss."""
-        if self.pretrained or self.cfg.train.pretrain_steps == 0:
-            self.pretrained = True
+        """The warm start of q(k|x) when `train.warm_start_steps` > 0, then the authors'
+        pretraining: `pretrain_steps` steps on `pretrain_batch` images fitting the q(z|k,x)
+        nets to the prior's moments (objectives.moment_matching_loss). Returns the last
+        moment loss."""
+        if self.pretrained:
             return float("nan")
-        self.model.train()
-        opt = torch.optim.Adam(self.model.q_z.parameters(), lr=self.cfg.train.lr,
-                               betas=(self.cfg.train.beta1, 0.999))
-        S = self.cfg.model.num_samples
+        t = self.cfg.train
         start, loss = time.monotonic(), torch.tensor(float("nan"))
-        for _ in range(self.cfg.train.pretrain_steps):
-            q_z_mean, q_z_logvar = self.model.q_z(self._next_batch())
-            z_q = self.model.sample_z(q_z_mean, q_z_logvar, S, self.generator)
+        self.model.train()
+        if t.warm_start_steps > 0:
+            self._warm_start(start)
+        opt = torch.optim.Adam(self.model.q_z.parameters(), lr=t.lr, betas=(t.beta1, 0.999))
+        for _ in range(t.pretrain_steps):
+            if self._out_of_time(start):
+                break
+            q_z_mean, q_z_logvar = self.model.q_z(self._draw(t.pretrain_batch))
+            z_q = self.model.sample_z(q_z_mean, q_z_logvar, self.cfg.model.num_samples,
+                                      self.generator)
             loss = moment_matching_loss(z_q, self.prior.means, self.prior.sigma0 ** 2)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if self._out_of_time(start):
-                break
         self.train_seconds += time.monotonic() - start
         self.pretrained = True
         return float(loss.detach())
 
+    def _warm_start(self, start: float) -> None:
+        """Warm start of q(k|x), in three phases of `train.warm_start_steps` steps each:
+
+        1. an autoencoder, c(x) = the mean of q(z|k=0,x), min ||x - sigmoid(g(c(x)))||^2;
+        2. k-means with K clusters on the codes c(x) of up to 10,000 training images;
+        3. q(k|x) fitted to that partition, min cross-entropy(q(k|x), cluster of x).
+
+        The moment pretraining then puts every q(z|k,x) back on its prior mode.
+        """
+        from sklearn.cluster import KMeans
+
+        t, K = self.cfg.train, self.cfg.model.K
+        steps = t.warm_start_steps
+        ae = torch.optim.Adam([*self.model.q_z.parameters(), *self.model.decoder.parameters()],
+                              lr=t.lr, betas=(t.beta1, 0.999))
+        for _ in range(steps):
+            if self._out_of_time(start):
+                return
+            x = self._next_batch()
+            code = self.model.q_z(x)[0][:, 0]  # (B, d)
+            loss = ((torch.sigmoid(self.model.decoder(code)) - x) ** 2).flatten(1).sum(1).mean()
+            ae.zero_grad(set_to_none=True)
+            loss.backward()
+            ae.step()
+        x_fit = self.splits.train_x[:WARM_START_KMEANS_IMAGES]
+        self.model.eval()
+        with torch.no_grad():
+            codes = torch.cat([self.model.q_z(x_fit[i: i + EVAL_BATCH])[0][:, 0]
+                               for i in range(0, len(x_fit), EVAL_BATCH)])
+        self.model.train()
+        km = KMeans(K, n_init=3, random_state=t.seed).fit(codes.cpu().double().numpy())
+        target = torch.from_numpy(km.labels_).long().to(self.device)
+        fit = torch.optim.Adam(self.model.q_k.parameters(), lr=t.lr, betas=(t.beta1, 0.999))
+        for _ in range(steps):
+            if self._out_of_time(start):
+                return
+            idx = torch.randint(0, len(x_fit), (t.batch_size,), generator=self.generator,
+                                device=self.device)
+            loss = F.cross_entropy(self.model.q_k(x_fit[idx]), target[idx])
+            fit.zero_grad(set_to_none=True)
+            loss.backward()
+            fit.step()
+
     def _loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-        m = self.cfg.model
+        m, t = self.cfg.model, self.cfg.train
         with record_function("encoders"):
-            q_k_logits, q_z_mean, q_z_logvar = self.model.encode(x)
+            with self._networks_cast():
+                q_k_logits = self.model.q_k(x).float()
+            q_z_mean, q_z_logvar = self.model.q_z(x)  # fp32: the heads feed the sampling
             z_q = self.model.sample_z(q_z_mean, q_z_logvar, m.num_samples, self.generator)
         with record_function("decoder"):
-            x_rec_logits = self._decode(z_q)  # (B, K, S, 1, 28, 28): all codes, one pass
+            with self._networks_cast():
+                x_rec_logits = self._decode(z_q).float()  # (B, K, S, 1, 28, 28): every code
         loss, terms = FAMILY_DEFS[self.cfg.family].loss(StepOutputs(
             x, x_rec_logits, q_k_logits, q_z_mean, q_z_logvar, z_q, self.prior, self.generator), m)
+        if self.extra_terms:
+            terms = dict(terms)
+            if t.consistency_weight > 0:
+                x_t = random_shift_rotate(x, t.augment_shift, t.augment_degrees, self.generator)
+                with self._networks_cast():
+                    q_k_logits_t = self.model.q_k(x_t).float()
+                terms["consistency"] = consistency_kl(q_k_logits, q_k_logits_t)
+                loss = loss + t.consistency_weight * terms["consistency"]
+            if t.balance_weight > 0:
+                terms["balance"] = balance_kl(q_k_logits)
+                loss = loss + t.balance_weight * terms["balance"]
+            terms["loss"] = loss
         return loss, terms, q_k_logits
 
     def optimizer_step(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -175,9 +292,9 @@ class Trainer:
         with record_function("backward"):
             loss.backward()
         with record_function("optimizer"):
-            if self.step < self.cfg.train.warmup_steps:
-                for group in self.optimizer.param_groups:
-                    group["lr"] = self.cfg.train.lr * (self.step + 1) / self.cfg.train.warmup_steps
+            lr = self.cfg.train.lr * lr_factor(self.cfg.train, self.step, self.steps_per_epoch)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
             if self.cfg.train.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
             self.optimizer.step()
@@ -188,57 +305,71 @@ class Trainer:
         """Run up to `n` optimiser steps (fewer once the `train.minutes` budget is used).
 
         Returns the means of the loss terms and the collapse statistics over those steps,
-        as `train/...` keys. Raises NonFiniteLossError when the loss is NaN or infinite.
+        as `train/...` keys. The steps never wait for the device: statistics and history
+        rows stay on it until the call ends, which reads them back once. Raises
+        NonFiniteLossError, naming the first step recorded with a NaN or infinite term,
+        when any term of the steps or of their history is not finite.
         """
         if not self.pretrained:
             self.pretrain()
         self.model.train()
-        K = self.cfg.model.K
-        every = self.cfg.train.history_every
-        sums: dict[str, torch.Tensor] = {}
-        counts = torch.zeros(K, device=self.device)
-        q_k_sum = torch.zeros(K, device=self.device)
+        stats = _StepStats.on(self.cfg.model.K, self.device)
         done, start = 0, time.monotonic()
         while done < n and not self._out_of_time(start):
-            terms, q_k_logits = self.optimizer_step(self._next_batch())
-            self.step += 1
+            self.train_step(self._next_batch(), stats)
             done += 1
-            with torch.no_grad():
-                q_k = torch.softmax(q_k_logits.detach(), -1)
-                batch_counts = torch.bincount(q_k.argmax(1), minlength=K).float()
-                counts += batch_counts
-                q_k_sum += q_k.sum(0)
-                for name, value in terms.items():
-                    sums[name] = sums.get(name, 0.0) + value.detach()
-            if self.step % every == 0 or self.step == 1:
-                self._record(terms, q_k, batch_counts)
             if on_step is not None:
                 on_step(self.step)
         self.train_seconds += time.monotonic() - start
+        self._flush_history(stats)
         if done == 0:
             return {}
-        out = {f"train/{k}": float(v) / done for k, v in sums.items()}
-        out["train/active_components"] = float(active_from_counts(counts))
+        out = {f"train/{k}": float(v) / done for k, v in stats.sums.items()}
+        out["train/active_components"] = float(active_count(stats.counts))
         # Aggregate q(k) over the steps' images: (1, K) mean responsibilities.
-        out["train/assignment_entropy"] = assignment_entropy(q_k_sum.unsqueeze(0) / counts.sum())
+        out["train/assignment_entropy"] = float(aggregate_entropy(
+            (stats.q_k_sum / stats.counts.sum()).unsqueeze(0)))
         self._check_finite(out)
         return out
 
-    def _record(self, terms: dict[str, torch.Tensor], q_k: torch.Tensor,
-                batch_counts: torch.Tensor) -> None:
-        row = {"step": float(self.step)}
-        row.update({k: float(v.detach()) for k, v in terms.items()})
-        row["assignment_entropy"] = assignment_entropy(q_k)
-        row["active_components"] = float(active_from_counts(batch_counts))
-        row["time"] = time.time()  # wall clock (s): when the step ran, for time axes
-        self.history.append(row)
-        self._check_finite(row)
+    def train_step(self, x: torch.Tensor, stats: "_StepStats") -> None:
+        """One optimiser step and its bookkeeping, all on the device: `stats` gains the
+        step's terms, argmax counts and q(k|x) sums, and every `history_every` steps a
+        history row (as a tensor). Nothing here reads a value back to the host, so the
+        step runs ahead of the device (the tests run it on the meta device)."""
+        terms, q_k_logits = self.optimizer_step(x)
+        self.step += 1
+        with torch.no_grad():
+            q_k = torch.softmax(q_k_logits.detach(), -1)
+            batch_counts = torch.zeros_like(stats.counts).index_add_(
+                0, q_k.argmax(1), torch.ones(len(q_k), device=q_k.device))
+            stats.counts += batch_counts
+            stats.q_k_sum += q_k.sum(0)
+            for name, value in terms.items():
+                stats.sums[name] = stats.sums.get(name, 0.0) + value.detach()
+            if self.step % self.cfg.train.history_every == 0 or self.step == 1:
+                stats.rows.append((self.step, time.time(), torch.stack(
+                    [terms[k].detach().float() for k in self.term_names]
+                    + [aggregate_entropy(q_k), active_count(batch_counts).float()])))
 
-    def _check_finite(self, values: dict[str, float]) -> None:
+    def _flush_history(self, stats: "_StepStats") -> None:
+        """The pending history rows, read back at once (wall clock: when the step ran)."""
+        if not stats.rows:
+            return
+        values = torch.stack([row for _, _, row in stats.rows]).cpu().tolist()
+        names = [*self.term_names, "assignment_entropy", "active_components"]
+        for (step, wall, _), row in zip(stats.rows, values):
+            record = {"step": float(step), **dict(zip(names, row)), "time": wall}
+            self.history.append(record)
+        stats.rows.clear()
+        for record in self.history[-len(values):]:
+            self._check_finite(record, step=int(record["step"]))
+
+    def _check_finite(self, values: dict[str, float], step: Optional[int] = None) -> None:
         bad = {k: v for k, v in values.items() if not math.isfinite(v)}
         if bad:
             raise NonFiniteLossError(
-                f"{self.cfg.family} loss is not finite at step {self.step}: {bad}. "
+                f"{self.cfg.family} loss is not finite at step {step or self.step}: {bad}. "
                 f"Lower train.lr (now {self.cfg.train.lr}) or model.lambda_mmd, or set train.grad_clip.")
 
     def train_epoch(self, on_step: Optional[Callable[[int], None]] = None) -> dict[str, float]:
@@ -285,6 +416,32 @@ class Trainer:
         matrix = label_by_k(labels, q_k_all, max(int(labels.max()) + 1, self.splits.num_classes))
         return EvalResult({f"{split}/{k}": float(v) for k, v in metrics.items()}, q_k_all,
                           labels, matrix)
+
+    @torch.no_grad()
+    def evaluate_paper(self) -> dict[str, float]:
+        """The paper's protocol (data.protocol=paper): the greedy map of each k to a label
+        (metrics.greedy_labels) fitted on the training images, scored on the held-out test
+        split. Keys `paper/...`: cluster_acc_greedy (the paper's 76%), cluster_acc
+        (Hungarian on the held-out images), nmi, active_components, n_fit, n_held."""
+        if self.cfg.data.protocol != "paper":
+            raise ConfigError("`evaluate_paper` needs data.protocol=paper (the pooled split with "
+                              f"the last 1,000 held out), but got {self.cfg.data.protocol!r}. "
+                              "Set data.protocol=paper, or use `gmwae evaluate --protocol paper`.")
+        self.model.eval()
+
+        def q_k_of(x: torch.Tensor) -> np.ndarray:
+            return torch.cat([torch.softmax(self.model.q_k(x[i: i + EVAL_BATCH]), -1)
+                              for i in range(0, len(x), EVAL_BATCH)]).cpu().double().numpy()
+
+        fit_x, fit_y = self.splits.split("train")
+        held_x, held_y = self.splits.split("test")
+        q_fit, q_held = q_k_of(fit_x), q_k_of(held_x)
+        k_to_label = greedy_labels(fit_y.cpu().numpy(), q_fit)
+        held = clustering_metrics(held_y.cpu().numpy(), q_held)
+        return {"paper/cluster_acc_greedy": cluster_acc_greedy(held_y.cpu().numpy(), q_held,
+                                                               k_to_label),
+                **{f"paper/{k}": held[k] for k in ("cluster_acc", "nmi", "active_components")},
+                "paper/n_fit": float(len(fit_x)), "paper/n_held": float(len(held_x))}
 
     @torch.no_grad()
     def _majority_labels_on_val(self) -> np.ndarray:
@@ -335,9 +492,8 @@ class Trainer:
         }
 
     def _history_keys(self) -> list[str]:
-        terms = list(FAMILY_DEFS[self.cfg.family].terms)
         # "time" last: a checkpoint written before it existed loads without it
-        return ["step", *terms, "assignment_entropy", "active_components", "time"]
+        return ["step", *self.term_names, "assignment_entropy", "active_components", "time"]
 
     def _restore_generator(self, saved: torch.Tensor, device_code: Optional[torch.Tensor]) -> None:
         """The saved random stream when it comes from the same device type; otherwise (a

@@ -41,3 +41,24 @@ def test_the_training_step_at_the_paper_shapes_runs_on_the_meta_device(family):
     # the guard is real: reading a value back to the host fails on this device
     with pytest.raises((RuntimeError, NotImplementedError)):
         float(terms["loss"].detach())
+
+
+@pytest.mark.parametrize("family", ["gmwae", "gmvae"])
+def test_train_step_and_its_statistics_never_wait_for_the_device(family):
+    """train_step is what train_steps repeats: the optimiser step, the argmax counts, the
+    aggregate q(k) and a history row, here with the consistency and balance terms on. On
+    the meta device any read-back (a bincount sizing its output, a float() of a term, a
+    .item()) raises, so this fails as soon as the step synchronises."""
+    from gmwae_core.training import _StepStats
+
+    cfg = paper(family=family, history_every=2, consistency_weight=1.0, balance_weight=1.0)
+    trainer = Trainer(cfg, load_splits(cfg.data), device=torch.device("meta"))
+    stats = _StepStats.on(cfg.model.K, trainer.device)
+    for _ in range(4):
+        trainer.train_step(trainer._next_batch(), stats)
+    assert trainer.step == 4 and [step for step, _, _ in stats.rows] == [1, 2, 4]
+    names = [*trainer.term_names, "assignment_entropy", "active_components"]
+    assert {"consistency", "balance"} <= set(trainer.term_names)
+    assert all(row.shape == (len(names),) and row.device.type == "meta"
+               for _, _, row in stats.rows)
+    assert stats.counts.device.type == "meta" and set(stats.sums) == set(trainer.term_names)
