@@ -3,7 +3,7 @@
 #   make demo        set up .venv, then train a GM-WAE on scikit-learn's digits (offline, ~2 min)
 #   make test        set up .venv and the system packages (apt: chromium, postgresql), run the tests
 #   make test-quick  the same without the `slow` tests (the local multi-node clusters)
-#   make quality     benchmarks/quality.py on MNIST (2 x 20 min on 2 cores)
+#   make quality     benchmarks/quality.py on MNIST: 5 variants x 3 seeds x 20 min (5 h on 2 cores)
 #   make throughput  benchmarks/throughput.py
 PYTHON ?= python3.11
 VENV := .venv
@@ -51,7 +51,8 @@ test-quick: venv sysdeps
 	PYTHONFAULTHANDLER=1 $(PY) -m pytest -q -m "not slow"
 
 quality: venv
-	$(PY) benchmarks/quality.py --data-dir $(DATA_DIR) --minutes 20 --out benchmarks/results/quality.json
+	$(PY) benchmarks/quality.py --data-dir $(DATA_DIR) --minutes 20 --seeds 3 \
+	    --variants paper,consistency,warm-start,gmvae,gmvae-consistency --out benchmarks/results/quality-seeds.json
 
 throughput: venv
 	$(PY) benchmarks/throughput.py --out benchmarks/results/throughput.json

@@ -18,7 +18,13 @@ machine without Ray, Optuna or MLflow runs it.
    the loss and the MMD), and the whole step under bf16 autocast;
 4. training: the paper preset on MNIST (standard 60k/10k split, Hungarian accuracy) for a
    wall-clock budget per family: validation accuracy and active modes per epoch, the
-   epoch's time, and the test metrics at the end.
+   epoch's time, and the test metrics at the end;
+5. paper: GM-WAE, paper preset, the paper's protocol (data.protocol=paper: 70k pooled, the
+   last 1,000 held out, the greedy map fitted on the training images) for a wall-clock
+   budget per variant of benchmarks/quality.py (the paper's model, and with the
+   consistency option): `paper/` accuracy per epoch, the epoch's time, steps per second.
+
+    python benchmarks/gpu_check.py --sections syncs,speed,paper --paper-seconds 120 ...
 """
 from __future__ import annotations
 
@@ -38,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gmwae_core import Trainer, from_preset, load_splits  # noqa: E402
 from gmwae_core.memory import GIB, step_memory  # noqa: E402
+from quality import VARIANTS  # noqa: E402  (benchmarks/quality.py)
 
 # (label, family, overrides on the paper preset)
 MEMORY = [("paper gmwae", "gmwae", {}), ("paper gmvae", "gmvae", {}),
@@ -132,18 +139,14 @@ def speed_rows(smoke: bool, steps: int) -> list[dict]:
     rows = []
     cuda = torch.cuda.is_available() and not smoke
     for family in ("gmwae", "gmvae"):
-        for mode in ("fp32", "bf16 decoder", "bf16 step"):
-            cfg = _base(family, {"pretrain_steps": 0}, smoke)
+        for mode in ("fp32", "bf16 networks", "bf16 step"):
+            # bf16 networks: train.precision=bf16 (q(k|x) and the decoder under autocast;
+            # the q(z|k,x) heads, the sampling, the loss and the MMD in fp32)
+            precision = "bf16" if mode == "bf16 networks" else "fp32"
+            cfg = _base(family, {"pretrain_steps": 0, "precision": precision}, smoke)
             trainer = Trainer(cfg, load_splits(cfg.data))
             cast = (torch.autocast(trainer.device.type, dtype=torch.bfloat16)
                     if mode == "bf16 step" else contextlib.nullcontext())
-            if mode == "bf16 decoder":  # the networks' hot path only; the loss stays fp32
-                decoder, kind = trainer._decode, trainer.device.type
-
-                def bf16_decode(z, decoder=decoder, kind=kind):
-                    with torch.autocast(kind, dtype=torch.bfloat16):
-                        return decoder(z).float()
-                trainer._decode = bf16_decode
             row = {"family": family, "mode": mode, "batch": cfg.train.batch_size}
             try:
                 with cast:
@@ -199,6 +202,39 @@ def training_rows(smoke: bool, data_dir: str | None, seconds: dict[str, float]) 
     return out
 
 
+def paper_rows(smoke: bool, data_dir: str | None, seconds: float,
+               variants: list[str]) -> list[dict]:
+    out = []
+    for variant in variants:
+        settings = {k: v for k, v in VARIANTS[variant].items() if k != "family"}
+        cfg = _base(VARIANTS[variant]["family"], {"epochs": 1000, "minutes": seconds / 60.0,
+                                                  "protocol": "paper", **settings}, smoke,
+                    dataset="synthetic" if smoke else "mnist", data_dir=data_dir)
+        trainer = Trainer(cfg, load_splits(cfg.data))
+        start = time.monotonic()
+        trainer.pretrain()
+        pretrain_s = time.monotonic() - start
+        epochs = []
+        while not trainer.budget_exhausted:
+            t0, step0 = time.monotonic(), trainer.step
+            trainer.train_epoch()
+            t1 = time.monotonic()
+            paper = trainer.evaluate_paper()
+            epochs.append({"epoch": trainer.epoch, "step": trainer.step, "epoch_seconds": t1 - t0,
+                           "steps_per_s": (trainer.step - step0) / (t1 - t0),
+                           "lr": trainer.optimizer.param_groups[0]["lr"],
+                           "eval_seconds": time.monotonic() - t1, **paper})
+            print(f"  {variant} epoch {trainer.epoch:3d}  {t1 - t0:6.2f} s  paper acc "
+                  f"{paper['paper/cluster_acc_greedy']:.3f} (Hungarian "
+                  f"{paper['paper/cluster_acc']:.3f})  active "
+                  f"{paper['paper/active_components']:.0f}", flush=True)
+        out.append({"variant": variant, "settings": settings, "budget_seconds": seconds,
+                    "pretrain_seconds": pretrain_s, "steps_per_epoch": trainer.steps_per_epoch,
+                    "n_fit": len(trainer.splits.train_x), "n_held": len(trainer.splits.test_x),
+                    "epochs": epochs})
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True)
@@ -206,7 +242,20 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, seconds")
     p.add_argument("--train-seconds", type=float, nargs=2, default=(150.0, 60.0),
                    metavar=("GMWAE", "GMVAE"), help="training budget per family")
+    p.add_argument("--paper-seconds", type=float, default=120.0,
+                   help="paper section: training budget per variant")
+    p.add_argument("--paper-variants", default="paper,consistency",
+                   help=f"paper section: variants of benchmarks/quality.py ({', '.join(VARIANTS)})")
+    p.add_argument("--sections", default="memory,syncs,speed,training,paper",
+                   help="comma-separated sections to run")
     args = p.parse_args(argv)
+    wanted = args.sections.split(",")
+    known = ("memory", "syncs", "speed", "training", "paper")
+    bad = [w for w in wanted if w not in known] + [
+        v for v in args.paper_variants.split(",") if v not in VARIANTS]
+    if bad:
+        p.error(f"unknown section or variant {bad}: sections are {', '.join(known)}; "
+                f"variants {', '.join(VARIANTS)}")
     torch.manual_seed(0)
     info = {"torch": torch.__version__, "python": platform.python_version(),
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
@@ -219,7 +268,11 @@ def main(argv=None) -> int:
                 ("training", lambda: training_rows(
                     args.smoke, args.data_dir,
                     {"gmwae": 3.0, "gmvae": 2.0} if args.smoke
-                    else dict(zip(("gmwae", "gmvae"), args.train_seconds))))]
+                    else dict(zip(("gmwae", "gmvae"), args.train_seconds)))),
+                ("paper", lambda: paper_rows(args.smoke, args.data_dir,
+                                             2.0 if args.smoke else args.paper_seconds,
+                                             args.paper_variants.split(",")))]
+    sections = [(name, run) for name, run in sections if name in wanted]
     for name, run in sections:
         start = time.monotonic()
         try:
@@ -250,6 +303,11 @@ def _table(result: dict) -> None:
               f"{sum(e['epoch_seconds'] for e in r['epochs']) / max(1, len(r['epochs'])):.2f} s/epoch, "
               f"last val acc {last.get('val/cluster_acc', float('nan')):.3f}, test acc "
               f"{r['test'].get('test/cluster_acc', float('nan')):.3f}")
+    for r in result.get("paper", []) if isinstance(result.get("paper"), list) else []:
+        accs = " ".join(f"{e['paper/cluster_acc_greedy']:.3f}" for e in r["epochs"])
+        seconds = sum(e["epoch_seconds"] for e in r["epochs"]) / max(1, len(r["epochs"]))
+        print(f"paper protocol, {r['variant']}: {len(r['epochs'])} epochs, {seconds:.2f} s/epoch, "
+              f"greedy accuracy per epoch {accs}")
 
 
 if __name__ == "__main__":

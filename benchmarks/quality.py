@@ -1,13 +1,19 @@
-"""Quality under a fixed CPU budget: GM-WAE vs GM-VAE vs K-means on MNIST.
+"""Quality under a fixed CPU budget, over seeds: the paper's GM-WAE, the options past it,
+GM-VAE, and K-means on pixels, on MNIST.
 
-    python benchmarks/quality.py --data-dir ../shared/data/mnist --minutes 20 \\
-        --out benchmarks/results/quality.json
-    python benchmarks/quality.py --smoke --out /tmp/quality.json    # seconds, synthetic data
+    python benchmarks/quality.py --data-dir ../shared/data/mnist --minutes 20 --seeds 3 \\
+        --variants paper,consistency --out benchmarks/results/quality-seeds.json
+    python benchmarks/quality.py --seed-list 3,4 ... --out part2.json       # more seeds later
+    python benchmarks/quality.py --merge part1.json part2.json --out all.json
+    python benchmarks/quality.py --smoke --out /tmp/quality.json            # seconds, synthetic
 
-Each family trains with the `cpu` preset for the same wall-clock budget (pretraining
-included, evaluation excluded), then is scored on the whole test split. scikit-learn's
-K-means (K=10) on raw pixels is measured in the same run as the anchor. Writes JSON and
-prints a table; the run folders (figures, checkpoints) go to --runs.
+Every run trains the `cpu` preset (plus the variant's settings) for the same wall-clock
+budget (pretraining and warm start included, evaluation excluded) and is scored on the
+whole test split: Hungarian accuracy, greedy accuracy, NMI, AMI, active modes. K-means
+(K=10, scikit-learn, n_init=3) on raw pixels runs once per seed in the same run. The JSON
+keeps every (variant, seed) run, so files from several sessions merge (--merge) when their
+budget and data agree; the summary (mean, std, n per variant) and the targets are
+recomputed from the merged runs. Prints a table.
 """
 from __future__ import annotations
 
@@ -15,6 +21,8 @@ import argparse
 import json
 import os
 import platform
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,12 +30,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gmwae_core import (FAMILIES, ConfigError, from_preset, load_splits, parse_overrides,
-                        train_run)
+from gmwae_core import ConfigError, from_preset, load_splits, parse_overrides, train_run
 from gmwae_core.metrics import clustering_metrics
 
-KEYS = ["cluster_acc", "cluster_acc_greedy", "nmi", "ari", "active_components",
+KEYS = ["cluster_acc", "cluster_acc_greedy", "nmi", "ami", "ari", "active_components",
         "assignment_entropy", "mmd", "recon_mse"]
+SUMMARY_KEYS = ["cluster_acc", "nmi", "ami", "active_components"]
+
+VARIANTS: dict[str, dict] = {
+    "paper": {"family": "gmwae"},
+    "consistency": {"family": "gmwae", "consistency_weight": 1.0, "balance_weight": 1.0},
+    "warm-start": {"family": "gmwae", "warm_start_steps": 1000},
+    "gmvae": {"family": "gmvae"},
+    "gmvae-consistency": {"family": "gmvae", "consistency_weight": 1.0, "balance_weight": 1.0},
+}
+"""Each variant: the cpu preset plus these settings (then --set)."""
 
 
 def kmeans_anchor(data_cfg, K: int, seed: int) -> dict[str, float]:
@@ -42,66 +59,155 @@ def kmeans_anchor(data_cfg, K: int, seed: int) -> dict[str, float]:
     return {**{f"test/{k}": v for k, v in m.items()}, "seconds": time.monotonic() - start}
 
 
+def summarise(runs: dict[str, dict]) -> dict[str, dict]:
+    """{seed: row} -> {metric: {mean, std, n, per_seed}}; std is 0 for one seed."""
+    out = {}
+    for key in SUMMARY_KEYS:
+        values = {seed: row[f"test/{key}"] for seed, row in sorted(runs.items(), key=lambda kv: int(kv[0]))}
+        v = list(values.values())
+        out[key] = {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0,
+                    "n": len(v), "per_seed": values}
+    return out
+
+
 def targets(results: dict, K: int) -> dict[str, bool | None]:
-    """The issue's three targets; None for a target whose family was not run (--families)."""
-    wae, vae = results["families"].get("gmwae"), results["families"].get("gmvae")
-    kmeans_acc = results["kmeans"]["test/cluster_acc"]
+    """The issue's targets; None for a target whose variant has no run."""
+    runs, summary = results["runs"], results["summary"]
+
+    def mean(variant):
+        return summary[variant]["cluster_acc"]["mean"] if variant in summary else None
+
+    paper, consistency = mean("paper"), mean("consistency")
     return {
-        "gmwae_beats_kmeans": None if wae is None else wae["test/cluster_acc"] > kmeans_acc,
-        "gmwae_all_modes_active": None if wae is None else wae["test/active_components"] == K,
-        "gmvae_collapsed_le_3": None if vae is None else vae["test/active_components"] <= 3,
+        "paper_mean_ge_0.65": None if paper is None else paper >= 0.65,
+        "paper_every_seed_ge_9_modes": None if "paper" not in runs else all(
+            r["test/active_components"] >= K - 1 for r in runs["paper"].values()),
+        "paper_beats_kmeans": None if paper is None else paper > summary["kmeans"]["cluster_acc"]["mean"],
+        "consistency_mean_ge_0.85": None if consistency is None else consistency >= 0.85,
+        "gmvae_collapsed_le_3_every_seed": None if "gmvae" not in runs else all(
+            r["test/active_components"] <= 3 for r in runs["gmvae"].values()),
     }
+
+
+def finish(results: dict, K: int) -> dict:
+    results["summary"] = {v: summarise(r) for v, r in results["runs"].items()}
+    results["summary"]["kmeans"] = summarise(results["kmeans"])
+    results["targets"] = targets(results, K)
+    return results
+
+
+def print_table(results: dict) -> None:
+    cols = SUMMARY_KEYS
+    print(f"\n{'variant':<20}{'seeds':>6}" + "".join(f"{c:>22}" for c in cols))
+    for name, s in results["summary"].items():
+        print(f"{name:<20}{s['cluster_acc']['n']:>6}" + "".join(
+            f"{s[c]['mean']:>14.4f} ± {s[c]['std']:<5.3f}" for c in cols))
+    print("\nper seed, test Hungarian accuracy (active modes):")
+    for name, runs in [*results["runs"].items(), ("kmeans", results["kmeans"])]:
+        print(f"  {name:<20}" + "  ".join(
+            f"seed {seed}: {r['test/cluster_acc']:.4f} ({r['test/active_components']:.0f})"
+            for seed, r in sorted(runs.items(), key=lambda kv: int(kv[0]))))
+    print("\ntargets:", json.dumps(results["targets"]))
+
+
+def merge(paths: list[str]) -> dict:
+    """The runs of several result files, which must share budget, preset and data."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    same = ("budget_minutes", "preset", "data")
+    for path, part in zip(paths[1:], parts[1:]):
+        for key in same:
+            if part.get(key) != parts[0].get(key):
+                raise SystemExit(f"--merge: {path} has {key}={part.get(key)!r}, but {paths[0]} "
+                                 f"has {parts[0].get(key)!r}; only runs measured alike merge.")
+    out = {k: parts[0][k] for k in (*same, "K", "machine", "cpus", "torch_threads")}
+    out["variants"], out["runs"], out["kmeans"], out["sources"] = {}, {}, {}, paths
+    for part in parts:
+        for variant, runs in part["runs"].items():
+            if out["variants"].setdefault(variant, part["variants"][variant]) != part["variants"][variant]:
+                raise SystemExit(f"--merge: variant {variant!r} has other settings in one of "
+                                 f"{paths}; rename it in one file.")
+            out["runs"].setdefault(variant, {}).update(runs)
+        out["kmeans"].update(part["kmeans"])
+    return finish(out, out["K"])
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data-dir", default=os.environ.get("GMWAE_DATA_DIR"))
-    p.add_argument("--minutes", type=float, default=20.0, help="training budget per family")
-    p.add_argument("--families", default="gmwae,gmvae")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--minutes", type=float, default=20.0, help="training budget per run")
+    p.add_argument("--variants", default="paper,gmvae",
+                   help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    p.add_argument("--seeds", type=int, default=1, help="run seeds 0..N-1")
+    p.add_argument("--seed-list", default=None, help="run these seeds instead (e.g. 3,4)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="applied to every variant")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="merge these result files into --out and print the table; runs nothing")
     p.add_argument("--runs", default="runs/quality", help="folder for the runs' outputs")
     p.add_argument("--out", default="benchmarks/results/quality.json")
-    p.add_argument("--smoke", action="store_true", help="synthetic data, a few seconds")
+    p.add_argument("--smoke", action="store_true", help="synthetic data, a few seconds a run")
     args = p.parse_args()
+
+    if args.merge:
+        results = merge(args.merge)
+        Path(args.out).write_text(json.dumps(results, indent=2))
+        print_table(results)
+        print(f"wrote {args.out}")
+        return 0
 
     base = {"dataset": "mnist", "data_dir": args.data_dir, "minutes": args.minutes,
             "epochs": 1_000_000, "eval_size": 2000}
     if args.smoke:
         base = {"dataset": "synthetic", "minutes": 0.05, "epochs": 1_000_000,
-                "decoder_width": 8, "pretrain_steps": 5}
-    families = args.families.split(",")
-    if any(f not in FAMILIES for f in families):
-        raise SystemExit(f"--families {args.families!r}: use a comma-separated list of "
-                         f"{' and '.join(FAMILIES)}, e.g. --families gmwae,gmvae")
+                "decoder_width": 8, "pretrain_steps": 5, "pretrain_batch": 64}
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"--variants {args.variants!r}: {unknown} unknown; use a comma-separated "
+                         f"list of {', '.join(VARIANTS)}")
+    try:
+        seeds = ([int(s) for s in args.seed_list.split(",")] if args.seed_list
+                 else list(range(args.seeds)))
+    except ValueError:
+        raise SystemExit(f"--seed-list {args.seed_list!r}: use integers, e.g. --seed-list 3,4") from None
+    if not seeds or min(seeds) < 0:
+        raise SystemExit(f"--seeds {args.seeds}: run at least one seed (>= 0)")
     try:
         base.update(parse_overrides(args.overrides))
-        cfg = from_preset("cpu", base)  # bad --set keys or values stop here, before training
+        configs = {(v, s): from_preset("cpu", {**base, **VARIANTS[v], "seed": s})
+                   for v in variants for s in seeds}  # bad --set stops here, before training
     except ConfigError as e:
         raise SystemExit(f"--set: {e}") from None
-    results: dict = {"budget_minutes_per_family": base["minutes"], "preset": "cpu",
-                     "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
-                     "cpus": os.cpu_count(), "families": {}}
-    for family in families:
-        run_cfg = from_preset("cpu", base, family=family)
-        print(f"== {family}: {base['minutes']} min on {run_cfg.data.dataset} ...", file=sys.stderr)
-        m = train_run(run_cfg, Path(args.runs) / family)
-        results["families"][family] = {
-            **{f"test/{k}": m[f"test/{k}"] for k in KEYS},
-            "epochs": m["run/epochs"], "steps": m["run/steps"],
-            "train_seconds": m["run/train_seconds"], "config": run_cfg.to_dict()}
-    results["kmeans"] = kmeans_anchor(cfg.data, cfg.model.K, cfg.train.seed)
-
-    results["targets"] = targets(results, cfg.model.K)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
-
-    cols = ["cluster_acc", "cluster_acc_greedy", "nmi", "active_components", "assignment_entropy"]
-    print(f"\n{'method':<10}" + "".join(f"{c:>20}" for c in cols) + f"{'steps':>8}")
-    rows = [(f, r) for f, r in results["families"].items()] + [("kmeans", results["kmeans"])]
-    for name, r in rows:
-        print(f"{name:<10}" + "".join(f"{r[f'test/{c}']:>20.4f}" for c in cols)
-              + f"{r.get('steps', float('nan')):>8.0f}")
-    print("\ntargets:", json.dumps(results["targets"]))
+    cfg = next(iter(configs.values()))
+    results: dict = {"budget_minutes": base["minutes"], "preset": "cpu",
+                     "data": {"dataset": cfg.data.dataset, "eval_size": cfg.data.eval_size},
+                     "K": cfg.model.K, "torch_threads": torch.get_num_threads(),
+                     "machine": platform.machine(), "cpus": os.cpu_count(), "commit": commit(),
+                     "variants": {v: {**VARIANTS[v], **parse_overrides(args.overrides)}
+                                  for v in variants},
+                     "runs": {v: {} for v in variants}, "kmeans": {}}
+    for seed in seeds:
+        for variant in variants:
+            run_cfg = configs[(variant, seed)]
+            print(f"== {variant}, seed {seed}: {base['minutes']} min on {run_cfg.data.dataset} ...",
+                  file=sys.stderr, flush=True)
+            m = train_run(run_cfg, Path(args.runs) / f"{variant}-seed{seed}")
+            results["runs"][variant][str(seed)] = {
+                **{f"test/{k}": m[f"test/{k}"] for k in KEYS},
+                "epochs": m["run/epochs"], "steps": m["run/steps"],
+                "train_seconds": m["run/train_seconds"], "config": run_cfg.to_dict()}
+        results["kmeans"][str(seed)] = kmeans_anchor(cfg.data, cfg.model.K, seed)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(finish(results, cfg.model.K), indent=2))  # per seed
+    print_table(results)
     print(f"wrote {args.out}")
     return 0
 
