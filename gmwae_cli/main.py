@@ -232,6 +232,11 @@ def _evaluate(args: argparse.Namespace) -> int:
         overrides["data_dir"] = args.data_dir
     if args.protocol:
         overrides["protocol"] = args.protocol
+    if args.check and overrides:
+        print("--check compares against the saved metrics; it cannot be combined with a "
+              "different --dataset, --data-dir or --protocol. Drop --check to score the "
+              "checkpoint on other data.", file=sys.stderr)
+        return EXIT_USER_ERROR
     recomputed, saved = evaluate_checkpoint(args.checkpoint, overrides, args.assignments)
     print(f"{'metric':<26}{'recomputed':>12}{'saved':>12}")
     mismatched = []
@@ -243,10 +248,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(recomputed, indent=2, sort_keys=True))
     if args.check:
-        if overrides:
-            print("--check compares against the saved metrics; it cannot be combined with a "
-                  "different --dataset or --data-dir.", file=sys.stderr)
-            return EXIT_USER_ERROR
         if mismatched or not any(k in saved for k in recomputed):
             print(f"not reproduced: {mismatched or 'no saved test metrics'}", file=sys.stderr)
             return EXIT_TRAINING_FAILED

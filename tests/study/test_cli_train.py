@@ -51,6 +51,18 @@ def test_evaluate_reproduces_the_saved_test_metrics_exactly(smoke_run, tmp_path)
     assert again == {k: v for k, v in saved.items() if k.startswith("test/")}
 
 
+def test_evaluate_scores_a_checkpoint_with_the_papers_protocol(smoke_run, tmp_path):
+    proc = gmwae("evaluate", smoke_run / "checkpoint", "--protocol", "paper", "--json",
+                 tmp_path / "p.json")
+    paper = json.loads((tmp_path / "p.json").read_text())
+    assert paper["paper/n_held"] == 300 and paper["paper/n_fit"] > 2000  # synthetic: 3,000 pooled
+    assert 0.0 <= paper["paper/cluster_acc_greedy"] <= paper["paper/cluster_acc"] + 1e-9
+    assert "paper/cluster_acc_greedy" in proc.stdout
+    refused = gmwae("evaluate", smoke_run / "checkpoint", "--protocol", "paper", "--check",
+                    check=False)
+    assert refused.returncode == 2 and "--check" in refused.stderr and "--protocol" in refused.stderr
+
+
 def test_gmvae_starts_from_a_gmwae_checkpoint(smoke_run, tmp_path):
     gmwae("train", "--smoke", "--family", "gmvae", "--init-from", smoke_run / "checkpoint",
           "--out", tmp_path / "vae", "--quiet")
