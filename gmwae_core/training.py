@@ -11,26 +11,23 @@ the step (evaluation, history) happens at its own interval.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-import contextlib
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.profiler import record_function
 
-from .config import ConfigError, RunConfig
-from .data import Splits
 from .augment import random_shift_rotate
-from .config import TrainConfig
+from .config import ConfigError, RunConfig, TrainConfig
+from .data import Splits
 from .metrics import (active_count, aggregate_entropy, cluster_acc_greedy, clustering_metrics,
-                      greedy_labels,
-                      label_by_k, majority_labels)
+                      greedy_labels, label_by_k, majority_labels)
 from .networks import GMLVM
 from .families import FAMILY_DEFS, StepOutputs
 from .objectives import (balance_kl, consistency_kl, kl_categorical_uniform, kl_diag_gaussians,
