@@ -48,10 +48,10 @@ def ray_job(cluster, *args, timeout=120):
                           cwd=ROOT)
 
 
-def trials_in_postgres(cluster, study):
+def trials_in_postgres(cluster, study, storage=None):
     try:
         return optuna.load_study(study_name=study,
-                                 storage=cluster.optuna_url(with_password=True)).trials
+                                 storage=storage or cluster.optuna_url(with_password=True)).trials
     except KeyError:
         return []
 
@@ -64,16 +64,15 @@ def test_a_study_survives_a_lost_worker_and_an_mlflow_restart(cluster, tmp_path)
     assert submitted.returncode == 0, submitted.stderr[-3000:]
     job = re.search(r"raysubmit_[A-Za-z0-9]+", submitted.stdout + submitted.stderr).group(0)
 
-    # Wait until a trial is part-way (it has a checkpoint), then kill worker 0 outright.
+    # Wait until both workers (1 CPU each) hold a trial and one trial is part-way (it has a
+    # checkpoint), then kill worker 0 outright. The families' trials run side by side, so
+    # the two running trials are often one of each: count both studies.
     storage = optuna.storages.RDBStorage(cluster.optuna_url(with_password=True))
     deadline, running = time.monotonic() + 300, []
     while time.monotonic() < deadline and not running:
-        try:
-            trials = optuna.load_study(study_name="cluster-smoke/gmwae", storage=storage).trials
-        except KeyError:
-            trials = []
-        running = [t for t in trials if t.state.name == "RUNNING"]
-        # both workers busy (1 CPU each), one trial part-way: worker 0 surely holds a trial
+        running = [t for family in ("gmwae", "gmvae")
+                   for t in trials_in_postgres(cluster, f"cluster-smoke/{family}", storage)
+                   if t.state.name == "RUNNING"]
         if len(running) < 2 or not any(1 <= t.user_attrs.get("latest_iteration", 0) < 3
                                        for t in running):
             running = []
