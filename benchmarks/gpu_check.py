@@ -22,7 +22,9 @@ machine without Ray, Optuna or MLflow runs it.
 5. paper: GM-WAE, paper preset, the paper's protocol (data.protocol=paper: 70k pooled, the
    last 1,000 held out, the greedy map fitted on the training images) for a wall-clock
    budget per variant of benchmarks/quality.py (the paper's model, and with the
-   consistency option): `paper/` accuracy per epoch, the epoch's time, steps per second.
+   consistency option): `paper/` accuracy per epoch, the epoch's time, steps per second;
+6. kernel: the MMD's IMQ kernel sum eager against fused (benchmarks/mmd_kernel.py: Triton
+   through torch.compile), forward + backward at 1,000 to 12,800 codes, and their agreement.
 
     python benchmarks/gpu_check.py --sections syncs,speed,paper --paper-seconds 120 ...
 """
@@ -44,6 +46,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gmwae_core import Trainer, from_preset, load_splits  # noqa: E402
 from gmwae_core.memory import GIB, step_memory  # noqa: E402
+from mmd_kernel import SIZES as KERNEL_SIZES  # noqa: E402  (benchmarks/mmd_kernel.py)
+from mmd_kernel import SMOKE_SIZES as KERNEL_SMOKE_SIZES  # noqa: E402
+from mmd_kernel import kernel_row  # noqa: E402
 from quality import VARIANTS  # noqa: E402  (benchmarks/quality.py)
 
 # (label, family, overrides on the paper preset)
@@ -246,11 +251,11 @@ def main(argv=None) -> int:
                    help="paper section: training budget per variant")
     p.add_argument("--paper-variants", default="paper,consistency",
                    help=f"paper section: variants of benchmarks/quality.py ({', '.join(VARIANTS)})")
-    p.add_argument("--sections", default="memory,syncs,speed,training,paper",
+    p.add_argument("--sections", default="memory,syncs,speed,training,paper,kernel",
                    help="comma-separated sections to run")
     args = p.parse_args(argv)
     wanted = args.sections.split(",")
-    known = ("memory", "syncs", "speed", "training", "paper")
+    known = ("memory", "syncs", "speed", "training", "paper", "kernel")
     bad = [w for w in wanted if w not in known] + [
         v for v in args.paper_variants.split(",") if v not in VARIANTS]
     if bad:
@@ -271,7 +276,10 @@ def main(argv=None) -> int:
                     else dict(zip(("gmwae", "gmvae"), args.train_seconds)))),
                 ("paper", lambda: paper_rows(args.smoke, args.data_dir,
                                              2.0 if args.smoke else args.paper_seconds,
-                                             args.paper_variants.split(",")))]
+                                             args.paper_variants.split(","))),
+                ("kernel", lambda: [kernel_row(n, torch.device("cuda" if torch.cuda.is_available()
+                                                              else "cpu"), 0.2 if args.smoke else 2.0)
+                                    for n in (KERNEL_SMOKE_SIZES if args.smoke else KERNEL_SIZES)])]
     sections = [(name, run) for name, run in sections if name in wanted]
     for name, run in sections:
         start = time.monotonic()
@@ -308,6 +316,10 @@ def _table(result: dict) -> None:
         seconds = sum(e["epoch_seconds"] for e in r["epochs"]) / max(1, len(r["epochs"]))
         print(f"paper protocol, {r['variant']}: {len(r['epochs'])} epochs, {seconds:.2f} s/epoch, "
               f"greedy accuracy per epoch {accs}")
+    for r in result.get("kernel", []) if isinstance(result.get("kernel"), list) else []:
+        print(f"IMQ kernel, {r['codes']} codes: eager {r['eager_ms']:.2f} ms, fused {r['fused_ms']:.2f} ms "
+              f"(x{r['speedup']:.2f}; compiled in {r['fused_first_call_s']:.1f} s), "
+              f"grad diff {r['max_grad_diff']:.1e}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ Both take the expectation over k exactly: every k is decoded and weighted by q(k
 from __future__ import annotations
 
 import math
+import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -37,34 +39,102 @@ def squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return sq.clamp_min(0.0)
 
 
+def _imq_sum(dist2: torch.Tensor, cs: tuple[float, ...]) -> torch.Tensor:
+    """sum_i C_i / (C_i + D): compiled, one pass over D; eagerly, one pass per term."""
+    out = cs[0] / (cs[0] + dist2)
+    for c in cs[1:]:
+        out = out + c / (c + dist2)
+    return out
+
+
+def _imq_sum_backward(dist2: torch.Tensor, grad: torch.Tensor,
+                      cs: tuple[float, ...]) -> torch.Tensor:
+    """grad * d/dD sum_i C_i / (C_i + D) = -grad * sum_i C_i / (C_i + D)^2."""
+    d_out = cs[0] / (cs[0] + dist2) ** 2
+    for c in cs[1:]:
+        d_out = d_out + c / (c + dist2) ** 2
+    return -grad * d_out
+
+
+def _eager_imq_sum(dist2: torch.Tensor, cs: tuple[float, ...]) -> torch.Tensor:
+    out = torch.zeros_like(dist2)  # in place: one extra (N, M) buffer, however many scales
+    for c in cs:
+        out.add_(c / (c + dist2))
+    return out
+
+
+def _eager_imq_sum_backward(dist2: torch.Tensor, grad: torch.Tensor,
+                            cs: tuple[float, ...]) -> torch.Tensor:
+    d_out = torch.zeros_like(dist2)
+    for c in cs:
+        d_out.sub_(c / (c + dist2) ** 2)
+    return grad * d_out
+
+
+# FUSED_KERNEL_ENV=0 keeps the eager loop on every device; 1 compiles it on every device
+# (CPU included, where it needs a C++ compiler); unset: compiled on CUDA only.
+FUSED_KERNEL_ENV = "GMWAE_FUSED_KERNEL"
+_compiled: dict[str, tuple | None] = {}  # device type -> (forward, backward), None: failed
+
+
+def _imq_functions(device: torch.device, fused: bool | None):
+    """The (forward, backward) pair for this device: torch.compile'd (Triton on CUDA, C++
+    on CPU), so that the seven scales are one pass over the distance block, or the eager
+    loop. A compilation that fails once is reported and the eager loop used from then on."""
+    if fused is None:
+        env = os.environ.get(FUSED_KERNEL_ENV, "")
+        fused = env == "1" or (env != "0" and device.type == "cuda")
+    if not fused or device.type == "meta" or _compiled.get(device.type, ()) is None:
+        return _eager_imq_sum, _eager_imq_sum_backward
+    if device.type not in _compiled:
+        _compiled[device.type] = (torch.compile(_imq_sum, dynamic=True, fullgraph=True),
+                                  torch.compile(_imq_sum_backward, dynamic=True,
+                                                fullgraph=True))
+    return _compiled[device.type]
+
+
+def _call(kind: int, device: torch.device, fused: bool | None, *args):
+    functions = _imq_functions(device, fused)
+    try:
+        return functions[kind](*args)
+    except Exception as error:  # noqa: BLE001 - only a compiled function's failure is caught
+        if functions[kind] in (_eager_imq_sum, _eager_imq_sum_backward):
+            raise
+        _compiled[device.type] = None
+        warnings.warn(f"the fused IMQ kernel did not compile on {device.type} "
+                      f"({type(error).__name__}: {str(error)[:200]}); using the eager loop. "
+                      f"Set {FUSED_KERNEL_ENV}=0 to skip the attempt.", RuntimeWarning,
+                      stacklevel=3)
+        return (_eager_imq_sum, _eager_imq_sum_backward)[kind](*args)
+
+
 class _IMQKernelSum(torch.autograd.Function):
-    """sum_i C_i / (C_i + D), fused: one saved tensor instead of one per scale."""
+    """sum_i C_i / (C_i + D): one saved tensor instead of one per scale, and, compiled,
+    one pass over D forward and one backward instead of one per scale."""
 
     @staticmethod
-    def forward(ctx, dist2: torch.Tensor, cs: tuple[float, ...]) -> torch.Tensor:
+    def forward(ctx, dist2: torch.Tensor, cs: tuple[float, ...],
+                fused: bool | None) -> torch.Tensor:
         ctx.save_for_backward(dist2)
-        ctx.cs = cs
-        out = torch.zeros_like(dist2)
-        for c in cs:
-            out.add_(c / (c + dist2))
-        return out
+        ctx.cs, ctx.fused = cs, fused
+        return _call(0, dist2.device, fused, dist2, cs)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (dist2,) = ctx.saved_tensors
-        d_out = torch.zeros_like(dist2)
-        for c in ctx.cs:
-            d_out.sub_(c / (c + dist2) ** 2)  # d/dD C / (C + D) = -C / (C + D)^2
-        return grad * d_out, None
+        return _call(1, dist2.device, ctx.fused, dist2, grad, ctx.cs), None, None
 
 
-def imq_kernel_sum(dist2: torch.Tensor, latent_dim: int) -> torch.Tensor:
-    """Eq. 6: k(a, b) = sum_i C_i / (C_i + ||a - b||^2), C_i = 2 d * IMQ_SCALES[i]."""
-    return _IMQKernelSum.apply(dist2, tuple(2.0 * latent_dim * s for s in IMQ_SCALES))
+def imq_kernel_sum(dist2: torch.Tensor, latent_dim: int,
+                   fused: bool | None = None) -> torch.Tensor:
+    """Eq. 6: k(a, b) = sum_i C_i / (C_i + ||a - b||^2), C_i = 2 d * IMQ_SCALES[i].
+
+    fused: compile the sum into one pass (None: on CUDA, or as GMWAE_FUSED_KERNEL says)."""
+    return _IMQKernelSum.apply(dist2, tuple(2.0 * latent_dim * s for s in IMQ_SCALES), fused)
 
 
 def weighted_mmd(z_q: torch.Tensor, w_q: torch.Tensor, z_p: torch.Tensor,
-                 w_p: torch.Tensor) -> torch.Tensor:
+                 w_p: torch.Tensor, fused: bool | None = None) -> torch.Tensor:
     """The authors' weighted U-statistic MMD between the aggregate posterior and the prior.
 
     z_q, z_p: (N, M, d), M samples attached to each of N batch items; w_q, w_p: (N, M)
@@ -78,14 +148,14 @@ def weighted_mmd(z_q: torch.Tensor, w_q: torch.Tensor, z_p: torch.Tensor,
     Each block of distances (qq, qp, pp) is computed once and serves every kernel scale.
     The blocks are kept apart so that pp, a constant when only z_q carries gradients,
     gets no backward pass, and qp is not computed twice. The value can be slightly
-    negative: the within terms are unbiased, the cross term is not.
+    negative: the within terms are unbiased, the cross term is not. fused: see imq_kernel_sum.
     """
     N, M, d = z_q.shape
     zq, zp = z_q.reshape(N * M, d), z_p.reshape(N * M, d)
     wq, wp = w_q.reshape(-1), w_p.reshape(-1)
-    k_qq = imq_kernel_sum(squared_distances(zq, zq), d)  # (NM, NM)
-    k_pp = imq_kernel_sum(squared_distances(zp, zp), d)
-    k_qp = imq_kernel_sum(squared_distances(zq, zp), d)
+    k_qq = imq_kernel_sum(squared_distances(zq, zq), d, fused)  # (NM, NM)
+    k_pp = imq_kernel_sum(squared_distances(zp, zp), d, fused)
+    k_qp = imq_kernel_sum(squared_distances(zq, zp), d, fused)
 
     def within(kern: torch.Tensor, w_flat: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         # All pairs, less the n == m pairs: the diagonal blocks, (M, M, N).

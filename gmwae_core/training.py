@@ -109,6 +109,14 @@ class _StepStats:
         return cls({}, torch.zeros(K, device=device), torch.zeros(K, device=device), [])
 
 
+def use_tf32_for_convolutions_only() -> None:
+    """TF32 for cuDNN's convolutions (the networks' bulk), full float32 for every matmul:
+    the MMD's ||a||^2 + ||b||^2 - 2 a.b cancels where codes are close, and TF32's 10-bit
+    mantissa would leave the kernel's small distances, forward and backward, as noise."""
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
 class Trainer:
     """One GM-WAE or GM-VAE run: model, prior, optimiser, data, counters and history."""
 
@@ -116,8 +124,7 @@ class Trainer:
         self.cfg = cfg
         self.device = device or resolve_device(cfg.train.device)
         if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+            use_tf32_for_convolutions_only()
         torch.manual_seed(cfg.train.seed)
         m = cfg.model
         self.prior = MixturePrior.build(m.K, m.latent_dim, m.prior_overlap, m.prior_seed).to(self.device)

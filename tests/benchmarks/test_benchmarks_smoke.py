@@ -161,7 +161,7 @@ def test_gpu_check_smoke_runs_every_section_on_the_cpu(tmp_path):
     has each section's numbers."""
     out = run("gpu_check.py", "--smoke", "--out", tmp_path / "g.json")
     result = json.loads((tmp_path / "g.json").read_text())
-    for section in ("memory", "syncs", "speed", "training", "paper"):
+    for section in ("memory", "syncs", "speed", "training", "paper", "kernel"):
         assert isinstance(result[section], list) and result[section], (section, result[section])
     assert {r["family"] for r in result["training"]} == {"gmwae", "gmvae"}
     assert all(r["epochs"] and 0 <= r["test"]["test/cluster_acc"] <= 1 for r in result["training"])
@@ -170,7 +170,24 @@ def test_gpu_check_smoke_runs_every_section_on_the_cpu(tmp_path):
     for r in result["paper"]:
         assert r["epochs"] and all(0 <= e["paper/cluster_acc_greedy"] <= 1 for e in r["epochs"])
         assert r["n_held"] == 300  # the synthetic set pools 3,000 images: a tenth held out
-    assert "est step GiB" in out
+    assert all(r["max_grad_diff"] < 1e-5 for r in result["kernel"])
+    assert "est step GiB" in out and "IMQ kernel, 160 codes" in out
     h200 = json.loads((ROOT / "benchmarks/results/gpu_check_h200.json").read_text())
     assert h200["info"]["device"] == "NVIDIA H200"
     assert all(0.5 < r["measured/estimated"] <= 1.0 for r in h200["memory"])  # estimates hold
+
+
+def test_mmd_kernel_smoke_times_eager_and_fused_and_they_agree(tmp_path):
+    out = run("mmd_kernel.py", "--smoke", "--out", tmp_path / "k.json")
+    result = json.loads((tmp_path / "k.json").read_text())
+    (row,) = result["rows"]
+    assert row["codes"] == 160 and row["eager_ms"] > 0 and row["fused_ms"] > 0
+    assert row["max_value_diff"] < 1e-5 and row["max_grad_diff"] < 1e-5
+    assert "speed-up" in out and f"{row['speedup']:.2f}" in out
+
+
+def test_mmd_kernel_rejects_sizes_that_are_not_integers(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/mmd_kernel.py"), "--sizes", "640,big",
+                           "--out", str(tmp_path / "k.json")], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and "--sizes must be comma-separated integers" in proc.stderr
+    assert not (tmp_path / "k.json").exists()

@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 import torch
@@ -97,3 +98,82 @@ def test_moment_matching_loss_is_zero_at_the_prior_moments():
     z = means.view(1, 2, 1, 2) + 0.5 * torch.randn(50000, 2, 1, 2, generator=g)
     assert moment_matching_loss(z, means, 0.25).item() < 1e-3
     assert moment_matching_loss(z + 1.0, means, 0.25).item() > 1.5
+
+
+# The fused IMQ kernel: torch.compile of the seven-scale sum. On CUDA it becomes Triton; here
+# it is compiled for the CPU (C++), which runs the same generated graph.
+
+def test_the_fused_kernel_gives_the_eager_mmd_and_gradients():
+    g = torch.Generator().manual_seed(3)
+    z_q = torch.randn(12, 5, 4, generator=g, requires_grad=True)
+    z_p = torch.randn(12, 5, 4, generator=g)
+    w = torch.softmax(torch.randn(12, 5, generator=g), -1)
+    grads = []
+    for fused in (False, True):
+        z_q.grad = None
+        value = weighted_mmd(z_q, w, z_p, w, fused=fused)
+        value.backward()
+        grads.append((float(value), z_q.grad.clone()))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-5, abs=1e-7)
+    assert torch.allclose(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-7)
+    assert float(grads[1][1].abs().max()) > 0
+
+
+def test_the_fused_kernel_is_one_pass_over_the_distances_forward_and_backward():
+    from torch._inductor.utils import run_and_get_code
+
+    from gmwae_core.objectives import _imq_sum, _imq_sum_backward
+
+    dist2, cs = torch.rand(64, 48) * 10, tuple(2.0 * 8 * s for s in IMQ_SCALES)
+    for fn, args in ((_imq_sum, (dist2, cs)), (_imq_sum_backward, (dist2, torch.rand(64, 48), cs))):
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+        out, codes = run_and_get_code(compiled, *args)
+        kernels = {name for code in codes for name in re.findall(r"cpp_fused_\w+", code)}
+        assert len(kernels) == 1, (fn.__name__, kernels)  # eager: one pass per scale and op
+        assert torch.allclose(out, fn(*args), rtol=1e-5)
+
+
+def test_the_kernel_choice_follows_the_device_and_the_environment(monkeypatch):
+    from gmwae_core import objectives
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv(objectives.FUSED_KERNEL_ENV, raising=False)
+    eager = (objectives._eager_imq_sum, objectives._eager_imq_sum_backward)
+    assert objectives._imq_functions(cpu, None) == eager
+    monkeypatch.setattr(objectives, "_compiled", {"cuda": ("fwd", "bwd")})
+    assert objectives._imq_functions(cuda, None) == ("fwd", "bwd")  # CUDA: fused by default
+    monkeypatch.setenv(objectives.FUSED_KERNEL_ENV, "0")
+    assert objectives._imq_functions(cuda, None) == eager
+    assert objectives._imq_functions(cuda, True) == ("fwd", "bwd")  # the argument wins
+
+
+def test_a_kernel_that_does_not_compile_warns_and_falls_back_to_the_eager_loop(monkeypatch):
+    from gmwae_core import objectives
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(objectives, "_compiled", {"cpu": (broken, broken)})
+    z_q, z_p = torch.randn(6, 3, 2, requires_grad=True), torch.randn(6, 3, 2)
+    w = torch.full((6, 3), 1 / 3)
+    with pytest.warns(RuntimeWarning, match="did not compile on cpu .*no C\\+\\+ compiler.*"
+                                            "GMWAE_FUSED_KERNEL=0"):
+        value = weighted_mmd(z_q, w, z_p, w, fused=True)
+    value.backward()  # the backward takes the eager loop too
+    assert objectives._compiled["cpu"] is None
+    assert z_q.grad is not None and float(z_q.grad.abs().max()) > 0
+    assert float(value) == float(weighted_mmd(z_q, w, z_p, w, fused=False))
+
+
+def test_matmuls_stay_full_float32_on_cuda_while_convolutions_use_tf32():
+    from gmwae_core.training import use_tf32_for_convolutions_only
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:  # the flags are process-wide and settable without a GPU
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = True, False
+        use_tf32_for_convolutions_only()
+        assert torch.backends.cuda.matmul.allow_tf32 is False  # the MMD's distances
+        assert torch.backends.cudnn.allow_tf32 is True
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
