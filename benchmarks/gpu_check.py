@@ -13,7 +13,7 @@ machine without Ray, Optuna or MLflow runs it.
 2. synchronisation: host synchronisations counted with torch.cuda.set_sync_debug_mode, in
    one optimizer_step and in train_steps (which records history), with the gmwae_core
    line that caused each;
-3. speed: steps per second of the paper preset per family: fp32 (TF32 matmuls, as the
+3. speed: steps per second of the paper preset per family: fp32 (TF32 convolutions, as the
    Trainer sets them), the decoder alone under bf16 autocast (its output back to fp32 for
    the loss and the MMD), and the whole step under bf16 autocast;
 4. training: the paper preset on MNIST (standard 60k/10k split, Hungarian accuracy) for a

@@ -10,8 +10,9 @@ measured in the same run on the same threads. Then a torch.profiler breakdown of
 into its regions (encoders, decoder, mmd, backward, optimizer), and each decoder
 convolution's forward + backward alone at the step's shapes, in GFLOP/s (`--layers`).
 
-Variants: a preset name, `PRESET+compile` (torch.compile the decoder), `PRESET+wN`
-(decoder width N instead of the preset's), e.g. `--presets cpu,cpu+w64`.
+Variants: a preset name, `PRESET+compile` (torch.compile the decoder), `PRESET+bf16`
+(train.precision=bf16: the networks under bf16 autocast), `PRESET+wN` (decoder width N
+instead of the preset's), e.g. `--presets cpu,cpu+bf16,cpu+w64`.
 """
 from __future__ import annotations
 
@@ -135,19 +136,21 @@ def decoder_layer_rates(trainer: Trainer, reps: int) -> list[dict]:
 
 
 def variant_config(variant: str, device: torch.device):
-    """`variant`: a preset name, then any of +compile (torch.compile the decoder) and +wN
-    (decoder width N), e.g. cpu+w64+compile."""
+    """`variant`: a preset name, then any of +compile (torch.compile the decoder), +bf16
+    (train.precision=bf16) and +wN (decoder width N), e.g. cpu+w64+bf16."""
     preset, *extras = variant.split("+")
     overrides = {"dataset": "synthetic", "pretrain_steps": 0, "device": device.type,
                  "family": "gmwae", "compile": False}
     for extra in extras:
         if extra == "compile":
             overrides["compile"] = True
+        elif extra == "bf16":
+            overrides["precision"] = "bf16"
         elif extra.startswith("w") and extra[1:].isdigit():
             overrides["decoder_width"] = int(extra[1:])
         else:
             raise SystemExit(f"--presets: unknown variant {variant!r} (part {extra!r}); use "
-                             f"PRESET with any of +compile and +wN (e.g. cpu+w64+compile)")
+                             f"PRESET with any of +compile, +bf16 and +wN (e.g. cpu+w64+bf16)")
     try:
         return from_preset(preset, overrides)
     except ConfigError as e:

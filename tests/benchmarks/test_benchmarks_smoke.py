@@ -106,6 +106,8 @@ def test_throughput_variants_combine_width_and_compile():
     assert cfg.model.decoder_width == 64 and cfg.train.compile
     cfg = throughput.variant_config("cpu+w16", torch.device("cpu"))
     assert cfg.model.decoder_width == 16 and not cfg.train.compile
+    assert cfg.train.precision == "fp32"
+    assert throughput.variant_config("cpu+bf16", torch.device("cpu")).train.precision == "bf16"
     with pytest.raises(SystemExit, match="part 'w6x'"):
         throughput.variant_config("cpu+compile+w6x", torch.device("cpu"))
 
