@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -109,6 +110,12 @@ class _StepStats:
         return cls({}, torch.zeros(K, device=device), torch.zeros(K, device=device), [])
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether oneDNN runs bf16 on this CPU (AVX-512 BF16 or AMX); without it, bf16
+    convolutions fall back to PyTorch's reference kernels."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def use_tf32_for_convolutions_only() -> None:
     """TF32 for cuDNN's convolutions (the networks' bulk), full float32 for every matmul:
     the MMD's ||a||^2 + ||b||^2 - 2 a.b cancels where codes are close, and TF32's 10-bit
@@ -155,6 +162,12 @@ class Trainer:
             ("consistency", t.consistency_weight), ("balance", t.balance_weight)) if weight > 0)
         """Loss terms the options add to the family's (their weights are > 0)."""
         self.term_names = (*FAMILY_DEFS[cfg.family].terms, *self.extra_terms)
+        if t.precision == "bf16" and self.device.type == "cpu" and not cpu_has_fast_bf16():
+            warnings.warn(
+                "train.precision=bf16 on a CPU where oneDNN has no bf16 kernels (it needs "
+                "AVX-512 BF16 or AMX): PyTorch then runs the convolutions with its reference "
+                "kernels, about 13x slower per step here. Use train.precision=fp32 on this "
+                "machine.", RuntimeWarning, stacklevel=2)
 
     def _networks_cast(self):
         """bf16 autocast for the networks when train.precision is bf16, else nothing."""

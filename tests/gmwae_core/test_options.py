@@ -176,6 +176,7 @@ def test_warm_start_fits_q_k_to_a_k_means_partition_before_training():
     assert acc > 0.6 and len(clusters.unique()) >= 8
 
 
+@pytest.mark.filterwarnings("ignore:train.precision=bf16 on a CPU")
 def test_bf16_precision_trains_and_keeps_the_loss_in_fp32():
     t = trainer(precision="bf16", consistency_weight=1.0)
     out = t.train_steps(3)
@@ -186,11 +187,30 @@ def test_bf16_precision_trains_and_keeps_the_loss_in_fp32():
                for p in t.model.parameters() if p.grad is not None)
 
 
+def test_bf16_on_a_cpu_without_onednn_bf16_warns_and_names_the_fix(monkeypatch):
+    import warnings
+
+    from gmwae_core import training
+
+    assert isinstance(training.cpu_has_fast_bf16(), bool)  # asks oneDNN; False on an AVX2-only CPU
+    monkeypatch.setattr(training, "cpu_has_fast_bf16", lambda: False)
+    with pytest.warns(RuntimeWarning, match="train.precision=bf16 on a CPU where oneDNN has no "
+                                            "bf16 kernels.*Use train.precision=fp32"):
+        trainer(precision="bf16")
+    monkeypatch.setattr(training, "cpu_has_fast_bf16", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer(precision="bf16")
+        monkeypatch.setattr(training, "cpu_has_fast_bf16", lambda: False)
+        trainer(precision="fp32")  # fp32 never warns
+
+
 OPTIONS = {"init": "paper", "lr_schedule": "paper", "consistency_weight": 0.5,
            "balance_weight": 0.2, "augment_shift": 3, "augment_degrees": 5.0,
            "warm_start_steps": 4, "precision": "bf16", "protocol": "paper", "pretrain_batch": 48}
 
 
+@pytest.mark.filterwarnings("ignore:train.precision=bf16 on a CPU")
 def test_every_option_round_trips_through_a_checkpoint(tmp_path):
     a = trainer(**OPTIONS)
     a.train_steps(3)

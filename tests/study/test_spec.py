@@ -26,7 +26,7 @@ def test_shipped_specs_are_valid():
     ({"name": "s", "families": []}, r"`families` must name at least one family"),
     ({"name": "s", "families": ["gmwae", "vae"]}, r"`families` may only contain"),
     ({"name": "s", "space": "huge"},
-     r"`space` 'huge' is neither a shipped space \(default, fixed, smoke, wide\) nor a YAML file"),
+     r"`space` 'huge' is neither a shipped space \(default, fixed, quickstart, smoke, wide\) nor a YAML file"),
     ({"name": "s", "dataset": "cifar10"}, r"`dataset` must be one of"),
     ({"name": "s", "scheduler": {"type": "pbt"}}, r"`scheduler.type` must be asha or none"),
     ({"name": "s", "resources": {"gpus": 1}}, r"Unknown config key `resources.gpus`"),
