@@ -120,15 +120,37 @@ def merge(paths: list[str]) -> dict:
                 raise SystemExit(f"--merge: {path} has {key}={part.get(key)!r}, but {paths[0]} "
                                  f"has {parts[0].get(key)!r}; only runs measured alike merge.")
     out = {k: parts[0][k] for k in (*same, "K", "machine", "cpus", "torch_threads")}
-    out["variants"], out["runs"], out["kmeans"], out["sources"] = {}, {}, {}, paths
-    for part in parts:
+    out["variants"], out["runs"], out["kmeans"] = {}, {}, {}
+    out["sources"] = [{"file": p, "commit": part.get("commit")} for p, part in zip(paths, parts)]
+    trained_with: dict[str, tuple[str, dict]] = {}  # variant -> (file, a run's config)
+    for path, part in zip(paths, parts):
         for variant, runs in part["runs"].items():
             if out["variants"].setdefault(variant, part["variants"][variant]) != part["variants"][variant]:
                 raise SystemExit(f"--merge: variant {variant!r} has other settings in one of "
                                  f"{paths}; rename it in one file.")
+            for seed, run in runs.items():
+                # The preset may have changed between the files' commits: the runs' own
+                # configurations, not the variants' names, must agree (seed and data folder aside).
+                first_path, first = trained_with.setdefault(variant, (path, run["config"]))
+                differ = _config_differences(first, run["config"], first_path)
+                if differ:
+                    raise SystemExit(
+                        f"--merge: variant {variant!r}, seed {seed} in {path} trained with "
+                        f"{', '.join(differ)}; only runs of one configuration merge: rerun "
+                        f"the seed with the other file's settings.")
             out["runs"].setdefault(variant, {}).update(runs)
         out["kmeans"].update(part["kmeans"])
     return finish(out, out["K"])
+
+
+def _config_differences(a: dict, b: dict, a_path: str) -> list[str]:
+    """`section.key=B (A in a_path)` for every config value that differs, the seed and the
+    data folder aside."""
+    ignore = {("train", "seed"), ("data", "data_dir")}
+    return [f"{sec}.{key}={b.get(sec, {}).get(key)!r} ({a[sec].get(key)!r} in {a_path})"
+            for sec in sorted(set(a) | set(b)) if isinstance(a.get(sec), dict)
+            for key in sorted(set(a[sec]) | set(b.get(sec, {})))
+            if (sec, key) not in ignore and a[sec].get(key) != b.get(sec, {}).get(key)]
 
 
 def commit() -> str:

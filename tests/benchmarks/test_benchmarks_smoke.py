@@ -66,6 +66,24 @@ def test_quality_rejects_bad_variants_settings_and_merges_before_training(tmp_pa
                            str(tmp_path / "m.json")], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode != 0 and "budget_minutes=5" in proc.stderr
     assert not (tmp_path / "m.json").exists()
+    # Same variant name and budget, but the preset changed between the files' commits.
+    a.update(machine="x86_64", cpus=2, torch_threads=2)
+    config = {"train": {"seed": 0, "pretrain_steps": 1500}, "data": {"data_dir": "/a"}}
+    run_a = {"config": config, "test/cluster_acc": 0.8, "test/active_components": 10}
+    run_b = {**run_a, "config": {"train": {"seed": 1, "pretrain_steps": 1000},
+                                 "data": {"data_dir": "/b"}}}
+    (tmp_path / "a.json").write_text(json.dumps({**a, "variants": {"consistency": {}},
+                                                 "runs": {"consistency": {"0": run_a}}}))
+    (tmp_path / "b.json").write_text(json.dumps({**a, "variants": {"consistency": {}},
+                                                 "runs": {"consistency": {"1": run_b}}}))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/quality.py"), "--merge",
+                           str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out",
+                           str(tmp_path / "m.json")], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert (f"variant 'consistency', seed 1 in {tmp_path / 'b.json'} trained with "
+            f"train.pretrain_steps=1000 (1500 in {tmp_path / 'a.json'})") in proc.stderr
+    assert "data_dir" not in proc.stderr and "train.seed" not in proc.stderr  # those may differ
+    assert not (tmp_path / "m.json").exists()
 
 
 def test_throughput_smoke_reports_flops_against_a_measured_peak(tmp_path):
