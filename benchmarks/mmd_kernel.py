@@ -61,7 +61,7 @@ def kernel_row(codes: int, device: torch.device, seconds: float) -> dict:
             reps += 1
         _sync(device)
         row[f"{mode}_ms"] = 1e3 * (time.perf_counter() - start) / reps
-        grads[mode] = (float(value), z_q.grad.clone())
+        grads[mode] = (float(value.detach()), z_q.grad.clone())
     row["speedup"] = row["eager_ms"] / row["fused_ms"]
     row["max_value_diff"] = abs(grads["eager"][0] - grads["fused"][0])
     row["max_grad_diff"] = float((grads["eager"][1] - grads["fused"][1]).abs().max())

@@ -40,37 +40,24 @@ def squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _imq_sum(dist2: torch.Tensor, cs: tuple[float, ...]) -> torch.Tensor:
-    """sum_i C_i / (C_i + D): compiled, one pass over D; eagerly, one pass per term."""
-    out = cs[0] / (cs[0] + dist2)
-    for c in cs[1:]:
-        out = out + c / (c + dist2)
-    return out
-
-
-def _imq_sum_backward(dist2: torch.Tensor, grad: torch.Tensor,
-                      cs: tuple[float, ...]) -> torch.Tensor:
-    """grad * d/dD sum_i C_i / (C_i + D) = -grad * sum_i C_i / (C_i + D)^2."""
-    d_out = cs[0] / (cs[0] + dist2) ** 2
-    for c in cs[1:]:
-        d_out = d_out + c / (c + dist2) ** 2
-    return -grad * d_out
-
-
-def _eager_imq_sum(dist2: torch.Tensor, cs: tuple[float, ...]) -> torch.Tensor:
-    out = torch.zeros_like(dist2)  # in place: one extra (N, M) buffer, however many scales
+    """sum_i C_i / (C_i + D). Eagerly a pass over D per scale, accumulated in place (one extra
+    (N, M) buffer however many scales); compiled, one pass."""
+    out = torch.zeros_like(dist2)
     for c in cs:
         out.add_(c / (c + dist2))
     return out
 
 
-def _eager_imq_sum_backward(dist2: torch.Tensor, grad: torch.Tensor,
-                            cs: tuple[float, ...]) -> torch.Tensor:
+def _imq_sum_backward(dist2: torch.Tensor, grad: torch.Tensor,
+                      cs: tuple[float, ...]) -> torch.Tensor:
+    """grad * d/dD sum_i C_i / (C_i + D) = grad * sum_i -C_i / (C_i + D)^2."""
     d_out = torch.zeros_like(dist2)
     for c in cs:
         d_out.sub_(c / (c + dist2) ** 2)
     return grad * d_out
 
 
+_EAGER = (_imq_sum, _imq_sum_backward)
 # FUSED_KERNEL_ENV=0 keeps the eager loop on every device; 1 compiles it on every device
 # (CPU included, where it needs a C++ compiler); unset: compiled on CUDA only.
 FUSED_KERNEL_ENV = "GMWAE_FUSED_KERNEL"
@@ -85,27 +72,26 @@ def _imq_functions(device: torch.device, fused: bool | None):
         env = os.environ.get(FUSED_KERNEL_ENV, "")
         fused = env == "1" or (env != "0" and device.type == "cuda")
     if not fused or device.type == "meta" or _compiled.get(device.type, ()) is None:
-        return _eager_imq_sum, _eager_imq_sum_backward
+        return _EAGER
     if device.type not in _compiled:
-        _compiled[device.type] = (torch.compile(_imq_sum, dynamic=True, fullgraph=True),
-                                  torch.compile(_imq_sum_backward, dynamic=True,
-                                                fullgraph=True))
+        _compiled[device.type] = tuple(torch.compile(fn, dynamic=True, fullgraph=True)
+                                       for fn in _EAGER)
     return _compiled[device.type]
 
 
 def _call(kind: int, device: torch.device, fused: bool | None, *args):
     functions = _imq_functions(device, fused)
+    if functions is _EAGER:
+        return functions[kind](*args)
     try:
         return functions[kind](*args)
-    except Exception as error:  # noqa: BLE001 - only a compiled function's failure is caught
-        if functions[kind] in (_eager_imq_sum, _eager_imq_sum_backward):
-            raise
+    except Exception as error:  # noqa: BLE001 - the compiled function's failure, reported
         _compiled[device.type] = None
         warnings.warn(f"the fused IMQ kernel did not compile on {device.type} "
                       f"({type(error).__name__}: {str(error)[:200]}); using the eager loop. "
                       f"Set {FUSED_KERNEL_ENV}=0 to skip the attempt.", RuntimeWarning,
                       stacklevel=3)
-        return (_eager_imq_sum, _eager_imq_sum_backward)[kind](*args)
+        return _EAGER[kind](*args)
 
 
 class _IMQKernelSum(torch.autograd.Function):

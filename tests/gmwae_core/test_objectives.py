@@ -139,7 +139,7 @@ def test_the_kernel_choice_follows_the_device_and_the_environment(monkeypatch):
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.delenv(objectives.FUSED_KERNEL_ENV, raising=False)
-    eager = (objectives._eager_imq_sum, objectives._eager_imq_sum_backward)
+    eager = (objectives._imq_sum, objectives._imq_sum_backward)
     assert objectives._imq_functions(cpu, None) == eager
     monkeypatch.setattr(objectives, "_compiled", {"cuda": ("fwd", "bwd")})
     assert objectives._imq_functions(cuda, None) == ("fwd", "bwd")  # CUDA: fused by default
