@@ -8,7 +8,7 @@ import torch
 
 from gmwae_core import ConfigError, Trainer, from_preset, load_checkpoint, load_splits, save_checkpoint
 from gmwae_core.augment import random_shift_rotate
-from gmwae_core.config import TrainConfig
+from gmwae_core.config import ModelConfig, TrainConfig
 from gmwae_core.data import PAPER_HELD_OUT, paper_split
 from gmwae_core.metrics import cluster_acc_greedy, cluster_acc_hungarian, greedy_labels
 from gmwae_core.networks import PAPER_INIT_STD, GMLVM
@@ -89,12 +89,13 @@ def test_paper_initialisation_draws_small_normal_weights_and_zero_biases():
 def test_torch_initialisation_gives_each_head_its_own_fan_in():
     torch.manual_seed(0)
     cfg = from_preset("paper").model
-    model = GMLVM(from_preset("cpu").model)
+    model = GMLVM(from_preset("cpu", {"init": "torch"}).model)
     bound = model.q_z.h ** -0.5  # 1/sqrt(16): each head is a Linear(16, 2d)
     w = model.q_z.head_w
     assert float(w.abs().max()) <= bound and float(w.abs().max()) > 0.9 * bound
     assert w.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.1)  # uniform(-b, b)
-    assert cfg.init == "paper" and from_preset("cpu").model.init == "torch"
+    assert cfg.init == "paper" and from_preset("cpu").model.init == "paper"
+    assert ModelConfig().init == "torch"  # the dataclass default: PyTorch's
 
 
 def test_paper_protocol_holds_out_the_last_1000_of_the_pooled_images():
@@ -205,7 +206,7 @@ def test_bf16_on_a_cpu_without_onednn_bf16_warns_and_names_the_fix(monkeypatch):
         trainer(precision="fp32")  # fp32 never warns
 
 
-OPTIONS = {"init": "paper", "lr_schedule": "paper", "consistency_weight": 0.5,
+OPTIONS = {"init": "torch", "lr_schedule": "paper", "consistency_weight": 0.5,
            "balance_weight": 0.2, "augment_shift": 3, "augment_degrees": 5.0,
            "warm_start_steps": 4, "precision": "bf16", "protocol": "paper", "pretrain_batch": 48}
 
