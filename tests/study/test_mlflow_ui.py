@@ -77,7 +77,10 @@ def open_page(url: str, shot: Path, ready: str):
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.on("response", lambda r: errors.append(f"{r.status} {r.url}")
                 if r.status >= 400 and not r.url.endswith(KNOWN_CONSOLE) else None)
-        page.goto(url, wait_until="networkidle")
+        # Not "networkidle": MLflow 3.17's UI starts a telemetry Web Worker whose script
+        # request Chromium 156 never reports finished, so the network never goes idle. The
+        # selector below is the page's own readiness.
+        page.goto(url, wait_until="load")
         page.wait_for_selector(ready, timeout=60_000)
         page.wait_for_timeout(1500)
         for closer in ("mlflow.assistant.chat_panel.close", "mlflow.experiment_page.shared_view.dismiss"):
