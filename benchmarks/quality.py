@@ -32,6 +32,7 @@ import torch
 
 from gmwae_core import ConfigError, from_preset, load_splits, parse_overrides, train_run
 from gmwae_core.metrics import clustering_metrics
+from gmwae_core.training import cpu_has_fast_bf16
 
 KEYS = ["cluster_acc", "cluster_acc_greedy", "nmi", "ami", "ari", "active_components",
         "assignment_entropy", "mmd", "recon_mse"]
@@ -110,6 +111,30 @@ def print_table(results: dict) -> None:
     print("\ntargets:", json.dumps(results["targets"]))
 
 
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+"""The CPU flags that change how many steps a run makes in its budget (and what
+train.precision=auto picks)."""
+
+
+def processor() -> dict:
+    """The CPU the runs train on: its model name, the flags of SPEED_FLAGS it has, and
+    whether oneDNN has bf16 kernels for it. Sessions' machines differ (an AVX-512 BF16
+    EPYC made about twice the steps of an AVX2 one in 20 minutes)."""
+    model, flags = platform.processor() or "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    return {"model": model, "flags": [f for f in SPEED_FLAGS if f in flags],
+            "bf16_kernels": cpu_has_fast_bf16()}
+
+
 def merge(paths: list[str]) -> dict:
     """The runs of several result files, which must share budget, preset and data."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
@@ -119,9 +144,18 @@ def merge(paths: list[str]) -> dict:
             if part.get(key) != parts[0].get(key):
                 raise SystemExit(f"--merge: {path} has {key}={part.get(key)!r}, but {paths[0]} "
                                  f"has {parts[0].get(key)!r}; only runs measured alike merge.")
+    # Files written before processors were recorded carry none; those merge with any.
+    known = [(path, part["processor"]) for path, part in zip(paths, parts) if "processor" in part]
+    for path, cpu in known[1:]:
+        if cpu != known[0][1]:
+            raise SystemExit(f"--merge: {path} ran on {cpu}, but {known[0][0]} on {known[0][1]}; "
+                             f"runs of one budget on different processors make different "
+                             f"numbers of steps: merge the files of one processor.")
     out = {k: parts[0][k] for k in (*same, "K", "machine", "cpus", "torch_threads")}
+    out["processor"] = known[0][1] if known else None
     out["variants"], out["runs"], out["kmeans"] = {}, {}, {}
-    out["sources"] = [{"file": p, "commit": part.get("commit")} for p, part in zip(paths, parts)]
+    out["sources"] = [{"file": p, "commit": part.get("commit"), "processor": part.get("processor")}
+                      for p, part in zip(paths, parts)]
     trained_with: dict[str, tuple[str, dict]] = {}  # variant -> (file, a run's config)
     for path, part in zip(paths, parts):
         for variant, runs in part["runs"].items():
@@ -212,7 +246,8 @@ def main() -> int:
     results: dict = {"budget_minutes": base["minutes"], "preset": "cpu",
                      "data": {"dataset": cfg.data.dataset, "eval_size": cfg.data.eval_size},
                      "K": cfg.model.K, "torch_threads": torch.get_num_threads(),
-                     "machine": platform.machine(), "cpus": os.cpu_count(), "commit": commit(),
+                     "machine": platform.machine(), "cpus": os.cpu_count(),
+                     "processor": processor(), "commit": commit(),
                      "variants": {v: {**VARIANTS[v], **parse_overrides(args.overrides)}
                                   for v in variants},
                      "runs": {v: {} for v in variants}, "kmeans": {}}
@@ -225,6 +260,7 @@ def main() -> int:
             results["runs"][variant][str(seed)] = {
                 **{f"test/{k}": m[f"test/{k}"] for k in KEYS},
                 "epochs": m["run/epochs"], "steps": m["run/steps"],
+                "bf16_networks": m.get("train/bf16_networks"),
                 "train_seconds": m["run/train_seconds"], "config": run_cfg.to_dict()}
         results["kmeans"][str(seed)] = kmeans_anchor(cfg.data, cfg.model.K, seed)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

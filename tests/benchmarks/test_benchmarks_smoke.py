@@ -35,6 +35,12 @@ def test_quality_smoke_runs_variants_over_seeds_with_kmeans_and_merges(tmp_path)
     assert paper["std"] == pytest.approx(abs(per_seed[0] - per_seed[1]) / 2 ** 0.5)
     assert all(isinstance(v, bool) for v in result["targets"].values())
     assert "kmeans" in out and "± " in out and "seed 1:" in out
+    # The processor is recorded (its steps per budget differ), and the precision that ran.
+    from gmwae_core.training import cpu_has_fast_bf16
+    assert result["processor"]["bf16_kernels"] is cpu_has_fast_bf16()
+    assert result["processor"]["model"] and set(result["processor"]["flags"]) <= {
+        "avx2", "avx512f", "avx512_bf16", "amx_bf16"}
+    assert {r["bf16_networks"] for runs in result["runs"].values() for r in runs.values()} == {0.0}
 
     # a later session adds seed 2 of one variant; the merge holds all runs and resummarises
     run("quality.py", "--smoke", "--variants", "paper", "--seed-list", "2",
@@ -84,6 +90,31 @@ def test_quality_rejects_bad_variants_settings_and_merges_before_training(tmp_pa
             f"train.pretrain_steps=1000 (1500 in {tmp_path / 'a.json'})") in proc.stderr
     assert "data_dir" not in proc.stderr and "train.seed" not in proc.stderr  # those may differ
     assert not (tmp_path / "m.json").exists()
+    # Same runs' settings, but measured on two processors (AVX2 against AVX-512 BF16).
+    avx2 = {"model": "AMD EPYC", "flags": ["avx2"], "bf16_kernels": False}
+    avx512 = {"model": "AMD EPYC", "flags": ["avx2", "avx512f", "avx512_bf16"], "bf16_kernels": True}
+    run_b["config"] = {**config, "train": {"seed": 1, "pretrain_steps": 1500}}
+    for name, cpu, seed, r in (("a", avx2, "0", run_a), ("b", avx512, "1", run_b)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({
+            **a, "processor": cpu, "variants": {"consistency": {}}, "runs": {"consistency": {seed: r}}}))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/quality.py"), "--merge",
+                           str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out",
+                           str(tmp_path / "m.json")], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"{tmp_path / 'b.json'} ran on {avx512}, but {tmp_path / 'a.json'} on {avx2}" in proc.stderr
+    assert not (tmp_path / "m.json").exists()
+    # A file from before processors were recorded merges with either.
+    scores = {"test/cluster_acc": 0.8, "test/nmi": 0.7, "test/ami": 0.7, "test/active_components": 10}
+    for name, cpu, seed, r in (("a", avx2, "0", run_a), ("b", None, "1", run_b)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({
+            **a, **({"processor": cpu} if cpu else {}), "variants": {"consistency": {}},
+            "runs": {"consistency": {seed: {**r, **scores}}}, "kmeans": {seed: scores}}))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/quality.py"), "--merge",
+                           str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out",
+                           str(tmp_path / "m.json")], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    merged = json.loads((tmp_path / "m.json").read_text())
+    assert merged["processor"] == avx2 and [s["processor"] for s in merged["sources"]] == [avx2, None]
 
 
 def test_throughput_smoke_reports_flops_against_a_measured_peak(tmp_path):

@@ -206,6 +206,27 @@ def test_bf16_on_a_cpu_without_onednn_bf16_warns_and_names_the_fix(monkeypatch):
         trainer(precision="fp32")  # fp32 never warns
 
 
+def test_auto_precision_runs_bf16_only_where_the_cpu_has_bf16_kernels(monkeypatch):
+    import warnings
+
+    from gmwae_core import training
+
+    assert from_preset("cpu").train.precision == from_preset("paper").train.precision == "fp32"
+    for fast, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(training, "cpu_has_fast_bf16", lambda: fast)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # auto never picks the slow path, so never warns
+            t = trainer(precision="auto")
+        assert t.precision == expected
+        assert t.train_steps(2)["train/bf16_networks"] == (1.0 if fast else 0.0)
+        with t._networks_cast():
+            assert torch.is_autocast_enabled("cpu") is fast
+    # explicit values are kept whatever the processor; meta (the sync tests) runs fp32
+    assert training.resolve_precision("fp32", torch.device("cpu")) == "fp32"
+    assert training.resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    assert training.resolve_precision("auto", torch.device("meta")) == "fp32"
+
+
 OPTIONS = {"init": "torch", "lr_schedule": "paper", "consistency_weight": 0.5,
            "balance_weight": 0.2, "augment_shift": 3, "augment_degrees": 5.0,
            "warm_start_steps": 4, "precision": "bf16", "protocol": "paper", "pretrain_batch": 48}
