@@ -164,6 +164,8 @@ def test_mlflow_and_optuna_tools_see_a_training_experiment_and_a_named_objective
     params = run.data.params
     assert params["model.decoder_width"] == "8" and params["train.batch_size"] == "32"
     assert params["model.K"] == params["K"] and params["family"] == run.data.tags["family"]
+    # the precision that ran, beside the asked one (train.precision=auto resolves per node)
+    assert params["train.precision"] == "fp32" and run.data.metrics["train/bf16_networks"] == 0.0
     assert run.data.tags["mlflow.source.git.commit"] == run.data.tags["git_sha"]
     note = run.data.tags["mlflow.note.content"]
     assert note.startswith(f"{run.data.tags['family']} trial ") and "K=" in note
