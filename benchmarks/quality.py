@@ -237,13 +237,17 @@ def main() -> int:
     if not seeds or min(seeds) < 0:
         raise SystemExit(f"--seeds {args.seeds}: run at least one seed (>= 0)")
     try:
-        base.update(parse_overrides(args.overrides))
-        configs = {(v, s): from_preset("cpu", {**base, **VARIANTS[v], "seed": s})
+        overrides = parse_overrides(args.overrides)
+        if any(key.split(".")[-1] == "seed" for key in overrides):
+            raise SystemExit(f"--set {' '.join(args.overrides)}: the seed is set per run by "
+                             f"--seeds N or --seed-list; use --seed-list 2 instead")
+        # --set goes last: it changes a variant's own settings too (--set consistency_weight=4).
+        configs = {(v, s): from_preset("cpu", {**base, **VARIANTS[v], **overrides, "seed": s})
                    for v in variants for s in seeds}  # bad --set stops here, before training
     except ConfigError as e:
         raise SystemExit(f"--set: {e}") from None
     cfg = next(iter(configs.values()))
-    results: dict = {"budget_minutes": base["minutes"], "preset": "cpu",
+    results: dict = {"budget_minutes": cfg.train.minutes, "preset": "cpu",
                      "data": {"dataset": cfg.data.dataset, "eval_size": cfg.data.eval_size},
                      "K": cfg.model.K, "torch_threads": torch.get_num_threads(),
                      "machine": platform.machine(), "cpus": os.cpu_count(),
@@ -254,7 +258,7 @@ def main() -> int:
     for seed in seeds:
         for variant in variants:
             run_cfg = configs[(variant, seed)]
-            print(f"== {variant}, seed {seed}: {base['minutes']} min on {run_cfg.data.dataset} ...",
+            print(f"== {variant}, seed {seed}: {run_cfg.train.minutes} min on {run_cfg.data.dataset} ...",
                   file=sys.stderr, flush=True)
             m = train_run(run_cfg, Path(args.runs) / f"{variant}-seed{seed}")
             results["runs"][variant][str(seed)] = {

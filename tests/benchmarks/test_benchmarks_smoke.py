@@ -17,12 +17,17 @@ def run(script, *args):
 
 
 def test_quality_smoke_runs_variants_over_seeds_with_kmeans_and_merges(tmp_path):
+    # --set applies after a variant's own settings: it can change the consistency weight.
     out = run("quality.py", "--smoke", "--variants", "paper,consistency,gmvae", "--seeds", "2",
+              "--set", "train.consistency_weight=0.5",
               "--out", tmp_path / "a.json", "--runs", tmp_path / "runs")
     result = json.loads((tmp_path / "a.json").read_text())
     assert set(result["runs"]) == {"paper", "consistency", "gmvae"}
     assert all(set(runs) == {"0", "1"} for runs in result["runs"].values())
-    assert result["runs"]["consistency"]["0"]["config"]["train"]["consistency_weight"] == 1.0
+    train = result["runs"]["consistency"]["0"]["config"]["train"]
+    assert train["consistency_weight"] == 0.5 and train["balance_weight"] == 1.0
+    assert result["runs"]["paper"]["1"]["config"]["train"]["seed"] == 1
+    assert result["variants"]["consistency"]["train.consistency_weight"] == "0.5"
     for runs in [*result["runs"].values(), result["kmeans"]]:
         for r in runs.values():
             assert 0.0 < r["test/cluster_acc"] <= 1.0 and -1.0 <= r["test/ami"] <= 1.0
@@ -44,6 +49,7 @@ def test_quality_smoke_runs_variants_over_seeds_with_kmeans_and_merges(tmp_path)
 
     # a later session adds seed 2 of one variant; the merge holds all runs and resummarises
     run("quality.py", "--smoke", "--variants", "paper", "--seed-list", "2",
+        "--set", "train.consistency_weight=0.5",
         "--out", tmp_path / "b.json", "--runs", tmp_path / "runs")
     run("quality.py", "--merge", tmp_path / "a.json", tmp_path / "b.json", "--out", tmp_path / "m.json")
     merged = json.loads((tmp_path / "m.json").read_text())
@@ -55,6 +61,7 @@ def test_quality_smoke_runs_variants_over_seeds_with_kmeans_and_merges(tmp_path)
 def test_quality_rejects_bad_variants_settings_and_merges_before_training(tmp_path):
     for args, message in ((["--variants", "paper,vae"], "--variants 'paper,vae'"),
                           (["--set", "decoder_width=0"], "model.decoder_width"),
+                          (["--set", "train.seed=2"], "use --seed-list 2 instead"),
                           (["--seed-list", "a"], "--seed-list 'a'")):
         proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/quality.py"), "--smoke",
                                *args, "--out", str(tmp_path / "q.json"), "--runs",
