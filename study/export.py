@@ -132,7 +132,7 @@ def export_study(spec: StudySpec, out: str | Path, top: int = 1,
                 run_id = _child_run_id(client, experiment_id, family, trial.number)
                 row.update(_register(client, spec, family, trial, folder, run_id, versions))
                 rows.append(row)
-        for family, chosen in trials.items():  # each family's best: chosen[0], val acc first
+        for family, chosen in trials.items():  # each family's best: chosen[0], by the objective
             best = next(r for r in rows if r["family"] == family
                         and r["optuna_trial"] == chosen[0].number)
             client.set_registered_model_alias(best["registered_model"], CHAMPION,

@@ -266,7 +266,8 @@ def _log_best(tracker, storage, study_name: str, family: str, objective: Objecti
     best = _best_from_optuna(study, family, objective)
     if "number" in best:
         trial = study.trials[best["number"]]
-        tracker.log_family_best(family, best["number"], trial.user_attrs.get("best_iteration"))
+        tracker.log_family_best(family, best["number"], trial.user_attrs.get("best_iteration"),
+                                objective.metric)
 
 
 def _best_from_optuna(study, family: str, objective: Objective) -> dict[str, Any]:

@@ -156,23 +156,25 @@ class StudyTracker:
         for i in range(0, len(items), 90):
             self.client.log_batch(self.parent_run_id, params=items[i: i + 90])
 
-    def log_family_best(self, family: str, number: int, best_iteration: Optional[int]) -> None:
+    def log_family_best(self, family: str, number: int, best_iteration: Optional[int],
+                        metric: str = VAL_ACC) -> None:
         """On the parent run, a finished family's best trial: its validation metrics at its
         best iteration as `best/{family}/val_cluster_acc`, ..., and its child run (tags and a
-        link in the parent's description)."""
+        link in the parent's description, which quotes the study's objective `metric`)."""
         runs = self.client.search_runs(
             [self.experiment_id], f"tags.role = 'trial' and tags.family = '{family}' and "
                                   f"tags.optuna_trial = '{number}'", max_results=1)
         if not runs:
             return
         run = runs[0]
-        metrics = []
+        metrics, best = [], {}
         for key in sorted(k for k in run.data.metrics if k.startswith("val/")):
             points = self.client.get_metric_history(run.info.run_id, key)
             at = [m for m in points if m.step == best_iteration] or points[-1:]
             if at:
                 name = f"best/{family}/{key.replace('/', '_')}"
                 metrics.append(Metric(name, at[0].value, int(1000 * time.time()), 0))
+                best[key] = at[0].value
         if metrics:
             self.client.log_batch(self.parent_run_id, metrics=metrics)
         link = f"#/experiments/{self.experiment_id}/runs/{run.info.run_id}"
@@ -182,10 +184,10 @@ class StudyTracker:
         note = parent.data.tags.get(NOTE, f"Study {self.study}: its trials are this run's "
                                           f"children.")
         lines = [line for line in note.splitlines() if not line.startswith(f"- best {family}:")]
-        acc = run.data.metrics.get("val/cluster_acc")
+        value = best.get(metric)
         lines.append(f"- best {family}: [{run.info.run_name}]({link}) (Optuna trial {number}, "
                      f"best at iteration {best_iteration}"
-                     + (f"; val/cluster_acc {acc:.3f} at its end" if acc is not None else "")
+                     + (f"; {metric} {value:.3f} there" if value is not None else "")
                      + ")")
         self.client.set_tag(self.parent_run_id, NOTE, "\n".join(lines))
 

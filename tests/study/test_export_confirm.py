@@ -194,6 +194,9 @@ def test_mlflow_and_optuna_tools_see_a_training_experiment_and_a_named_objective
         child = client.get_run(parent.data.tags[f"best/{family}/run_id"])
         assert child.data.tags["optuna_trial"] == str(best.number)
         assert child.info.run_id in parent.data.tags["mlflow.note.content"]
+        # The description quotes the study's objective (val/ami), at the best iteration.
+        value = parent.data.metrics[f"best/{family}/val_ami"]
+        assert f"; val/ami {value:.3f} there)" in parent.data.tags["mlflow.note.content"]
 
 
 def test_optuna_dashboard_serves_both_families_with_the_objectives_name(study, tmp_path):

@@ -102,3 +102,7 @@ def test_minimising_mmd_ranks_lowest_first_everywhere(mmd_study):
     for family in ("gmwae", "gmvae"):
         mmd = [r["metrics"]["val/mmd"] for r in index["trials"] if r["family"] == family]
         assert mmd == sorted(mmd), (family, mmd)  # lowest first
+    # The export table shows the objective the trials were chosen by, with each one's value.
+    assert "val mmd ↓" in done.stdout
+    first = index["trials"][0]
+    assert f"{first['metrics']['val/mmd']:.4g}" in done.stdout
