@@ -1,5 +1,5 @@
 # gmwae-studies: set-up, demo, tests and benchmarks.
-#   make study       set up .venv, then run studies/quickstart.yaml (MNIST, both families, 19-26 min on 2 cores: README, Quickstart)
+#   make study       set up .venv, then run studies/quickstart.yaml (MNIST, both families, 14-26 min on 2 cores, by processor: README, Quickstart)
 #   make demo        set up .venv, then train a GM-WAE on scikit-learn's digits (offline, ~2 min)
 #   make test        set up .venv and the system packages (apt: chromium, postgresql), run the tests
 #   make test-quick  the same without the `slow` tests (the local multi-node clusters)
