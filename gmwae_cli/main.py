@@ -307,16 +307,16 @@ def _study(args: argparse.Namespace) -> int:
         from study.export import export_study
         from study.status import find_spec
 
-        spec = find_spec(args.study)
-        rows = export_study(spec, args.out, args.top, args.family, args.registry_uri)
-        objective = spec.objective  # the trials were chosen by it: its column comes first
-        width = max(len(objective.label), 9) + 1
-        print(f"\n{'family':<8}{'trial':>6}{objective.label:>{width}}{'val acc':>9}{'test acc':>9}"
+        rows = export_study(find_spec(args.study), args.out, args.top, args.family,
+                            args.registry_uri)
+        label = rows[0]["objective"]["label"]  # the trials were chosen by it: its column first
+        width = max(len(label), 9) + 1
+        print(f"\n{'family':<8}{'trial':>6}{label:>{width}}{'val acc':>9}{'test acc':>9}"
               f"{'active':>7}  registered as / folder")
         for r in rows:
-            m = r["metrics"]
+            m, value = r["metrics"], r["objective"]["value"]
             print(f"{r['family']:<8}{r['optuna_trial']:>6}"
-                  f"{m.get(objective.metric, float('nan')):>{width}.4g}{m['val/cluster_acc']:>9.3f}"
+                  f"{float('nan') if value is None else value:>{width}.4g}{m['val/cluster_acc']:>9.3f}"
                   f"{m['test/cluster_acc']:>9.3f}{m['test/active_components']:>7.0f}  "
                   f"{r['registered_model']} v{r['version']}  {r['folder']}")
         print(f"wrote {Path(args.out) / 'export.json'}; check one with "

@@ -116,6 +116,7 @@ def export_study(spec: StudySpec, out: str | Path, top: int = 1,
     """Export the top trials of each family; returns one row per exported trial."""
     out = _target_folder(out)
     trials = chosen_trials(spec, top, families)
+    objective = recorded_objective(open_optuna_storage(spec.store("optuna")), spec)
     client, experiment_id = _registry_client(spec, registry_uri)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -129,6 +130,9 @@ def export_study(spec: StudySpec, out: str | Path, top: int = 1,
                     f"{best_value(trial):.4g}, iteration "
                     f"{trial.user_attrs.get('best_iteration')}) -> {out / folder.name}")
                 row = _export_trial(spec, family, trial, folder)
+                row["objective"] = {"metric": objective.metric, "mode": objective.mode,
+                                    "label": objective.label,
+                                    "value": row["metrics"].get(objective.metric)}
                 run_id = _child_run_id(client, experiment_id, family, trial.number)
                 row.update(_register(client, spec, family, trial, folder, run_id, versions))
                 rows.append(row)
