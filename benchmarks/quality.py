@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from gmwae_core import ConfigError, from_preset, load_splits, parse_overrides, train_run
+from gmwae_core.config import canonical_key
 from gmwae_core.metrics import clustering_metrics
 from gmwae_core.training import cpu_has_fast_bf16
 
@@ -238,7 +239,7 @@ def main() -> int:
         raise SystemExit(f"--seeds {args.seeds}: run at least one seed (>= 0)")
     try:
         overrides = parse_overrides(args.overrides)
-        if any(key.split(".")[-1] == "seed" for key in overrides):
+        if any(canonical_key(key) == "train.seed" for key in overrides):
             raise SystemExit(f"--set {' '.join(args.overrides)}: the seed is set per run by "
                              f"--seeds N or --seed-list; use --seed-list 2 instead")
         # --set goes last: it changes a variant's own settings too (--set consistency_weight=4).

@@ -309,7 +309,10 @@ def _study(args: argparse.Namespace) -> int:
 
         rows = export_study(find_spec(args.study), args.out, args.top, args.family,
                             args.registry_uri)
-        label = rows[0]["objective"]["label"]  # the trials were chosen by it: its column first
+        from study.objective import Objective
+
+        ran = rows[0]["objective"]  # the trials were chosen by it: its column comes first
+        label = Objective(ran["metric"], ran["mode"]).label
         width = max(len(label), 9) + 1
         print(f"\n{'family':<8}{'trial':>6}{label:>{width}}{'val acc':>9}{'test acc':>9}"
               f"{'active':>7}  registered as / folder")

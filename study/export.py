@@ -24,6 +24,7 @@ from typing import Any, Optional
 from gmwae_core.config import ConfigError
 from gmwae_core.families import FAMILY_DEFS
 
+from .objective import Objective
 from .resume import recorded_objective
 from .stores import StoreError, mask_url, open_optuna_storage, sqlite_file_missing
 from .spec import StudySpec
@@ -48,6 +49,12 @@ def chosen_trials(spec: StudySpec, top: int, families: Optional[list[str]] = Non
                   ) -> dict[str, list]:
     """Per family, its `top` scored trials with a checkpoint, best by the study's objective
     (its metric's best value over the trial's iterations) first."""
+    return _ranked_trials(spec, top, families)[1]
+
+
+def _ranked_trials(spec: StudySpec, top: int, families: Optional[list[str]]
+                   ) -> tuple[Objective, dict[str, list]]:
+    """chosen_trials, with the objective the study ran with (its recorded spec's)."""
     import optuna
 
     if top < 1:
@@ -75,7 +82,7 @@ def chosen_trials(spec: StudySpec, top: int, families: Optional[list[str]] = Non
         raise ExportError(f"Study {spec.name!r} has no finished trial with a checkpoint for "
                           f"{which} in {mask_url(url)}. Run or resume it first "
                           f"(`gmwae study status {spec.name}` shows its trials).")
-    return out
+    return objective, out
 
 
 def _registry_client(spec: StudySpec, registry_uri: Optional[str]):
@@ -115,8 +122,7 @@ def export_study(spec: StudySpec, out: str | Path, top: int = 1,
                  log=print) -> list[dict[str, Any]]:
     """Export the top trials of each family; returns one row per exported trial."""
     out = _target_folder(out)
-    trials = chosen_trials(spec, top, families)
-    objective = recorded_objective(open_optuna_storage(spec.store("optuna")), spec)
+    objective, trials = _ranked_trials(spec, top, families)
     client, experiment_id = _registry_client(spec, registry_uri)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -131,7 +137,6 @@ def export_study(spec: StudySpec, out: str | Path, top: int = 1,
                     f"{trial.user_attrs.get('best_iteration')}) -> {out / folder.name}")
                 row = _export_trial(spec, family, trial, folder)
                 row["objective"] = {"metric": objective.metric, "mode": objective.mode,
-                                    "label": objective.label,
                                     "value": row["metrics"].get(objective.metric)}
                 run_id = _child_run_id(client, experiment_id, family, trial.number)
                 row.update(_register(client, spec, family, trial, folder, run_id, versions))

@@ -106,6 +106,6 @@ def test_minimising_mmd_ranks_lowest_first_everywhere(mmd_study):
     # does not name it: it was set with --set), with each trial's value; export.json too.
     assert "val mmd ↓" in done.stdout, done.stdout[-3000:]
     first = index["trials"][0]
-    assert first["objective"] == {"metric": "val/mmd", "mode": "min", "label": "val mmd ↓",
+    assert first["objective"] == {"metric": "val/mmd", "mode": "min",
                                   "value": first["metrics"]["val/mmd"]}
     assert f"{first['metrics']['val/mmd']:.4g}" in done.stdout
