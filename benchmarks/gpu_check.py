@@ -23,10 +23,12 @@ machine without Ray, Optuna or MLflow runs it.
    last 1,000 held out, the greedy map fitted on the training images) for a wall-clock
    budget per variant of benchmarks/quality.py (the paper's model, and with the
    consistency option): `paper/` accuracy per epoch, the epoch's time, steps per second;
+   `--set KEY=VALUE` changes the variants' settings (e.g. train.consistency_weight=4);
 6. kernel: the MMD's IMQ kernel sum eager against fused (benchmarks/mmd_kernel.py: Triton
    through torch.compile), forward + backward at 1,000 to 12,800 codes, and their agreement.
 
     python benchmarks/gpu_check.py --sections syncs,speed,paper --paper-seconds 120 ...
+    GMWAE_FUSED_KERNEL=0 python benchmarks/gpu_check.py --sections speed ...   # eager MMD
 """
 from __future__ import annotations
 
@@ -44,7 +46,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gmwae_core import Trainer, from_preset, load_splits  # noqa: E402
+from gmwae_core import ConfigError, Trainer, from_preset, load_splits, parse_overrides  # noqa: E402
+from gmwae_core.config import canonical_key  # noqa: E402
 from gmwae_core.memory import GIB, step_memory  # noqa: E402
 from mmd_kernel import SIZES as KERNEL_SIZES  # noqa: E402  (benchmarks/mmd_kernel.py)
 from mmd_kernel import SMOKE_SIZES as KERNEL_SMOKE_SIZES  # noqa: E402
@@ -186,7 +189,7 @@ def training_rows(smoke: bool, data_dir: str | None, seconds: dict[str, float]) 
             torch.cuda.synchronize()
         pretrain_s = time.monotonic() - start
         epochs = []
-        while not trainer.budget_exhausted:
+        while not epochs or not trainer.budget_exhausted:  # a row if pretraining used it all
             t0 = time.monotonic()
             train = trainer.train_epoch()
             t1 = time.monotonic()
@@ -207,11 +210,18 @@ def training_rows(smoke: bool, data_dir: str | None, seconds: dict[str, float]) 
     return out
 
 
+def _paper_settings(variant: str, overrides: dict) -> dict:
+    """The variant's own settings, then --set (which may change them: consistency_weight=4),
+    each under its full key, so a --set replaces the variant's value in the record too."""
+    own = {canonical_key(k): v for k, v in VARIANTS[variant].items() if k != "family"}
+    return {**own, **{canonical_key(k): v for k, v in overrides.items()}}
+
+
 def paper_rows(smoke: bool, data_dir: str | None, seconds: float,
-               variants: list[str]) -> list[dict]:
+               variants: list[str], overrides: dict) -> list[dict]:
     out = []
     for variant in variants:
-        settings = {k: v for k, v in VARIANTS[variant].items() if k != "family"}
+        settings = _paper_settings(variant, overrides)
         cfg = _base(VARIANTS[variant]["family"], {"epochs": 1000, "minutes": seconds / 60.0,
                                                   "protocol": "paper", **settings}, smoke,
                     dataset="synthetic" if smoke else "mnist", data_dir=data_dir)
@@ -220,7 +230,7 @@ def paper_rows(smoke: bool, data_dir: str | None, seconds: float,
         trainer.pretrain()
         pretrain_s = time.monotonic() - start
         epochs = []
-        while not trainer.budget_exhausted:
+        while not epochs or not trainer.budget_exhausted:  # a row if pretraining used it all
             t0, step0 = time.monotonic(), trainer.step
             trainer.train_epoch()
             t1 = time.monotonic()
@@ -253,6 +263,9 @@ def main(argv=None) -> int:
                    help=f"paper section: variants of benchmarks/quality.py ({', '.join(VARIANTS)})")
     p.add_argument("--sections", default="memory,syncs,speed,training,paper,kernel",
                    help="comma-separated sections to run")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="paper section: applied to every variant, after its own settings "
+                        "(e.g. --set train.consistency_weight=4)")
     args = p.parse_args(argv)
     wanted = args.sections.split(",")
     known = ("memory", "syncs", "speed", "training", "paper", "kernel")
@@ -261,12 +274,19 @@ def main(argv=None) -> int:
     if bad:
         p.error(f"unknown section or variant {bad}: sections are {', '.join(known)}; "
                 f"variants {', '.join(VARIANTS)}")
+    try:  # a bad --set stops here, before any section runs
+        overrides = parse_overrides(args.overrides)
+        for variant in args.paper_variants.split(","):
+            _base(VARIANTS[variant]["family"], {"protocol": "paper",
+                                                **_paper_settings(variant, overrides)}, args.smoke)
+    except ConfigError as e:
+        p.error(f"--set: {e}")
     torch.manual_seed(0)
     info = {"torch": torch.__version__, "python": platform.python_version(),
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "smoke": args.smoke}
     print(json.dumps(info), flush=True)
-    result = {"info": info}
+    result = {"info": info, "arguments": sys.argv[1:] if argv is None else [str(a) for a in argv]}
     sections = [("memory", lambda: memory_rows(args.smoke)),
                 ("syncs", lambda: sync_rows(args.smoke)),
                 ("speed", lambda: speed_rows(args.smoke, 10 if args.smoke else 100)),
@@ -276,7 +296,7 @@ def main(argv=None) -> int:
                     else dict(zip(("gmwae", "gmvae"), args.train_seconds)))),
                 ("paper", lambda: paper_rows(args.smoke, args.data_dir,
                                              2.0 if args.smoke else args.paper_seconds,
-                                             args.paper_variants.split(","))),
+                                             args.paper_variants.split(","), overrides)),
                 ("kernel", lambda: [kernel_row(n, torch.device("cuda" if torch.cuda.is_available()
                                                               else "cpu"), 0.2 if args.smoke else 2.0)
                                     for n in (KERNEL_SMOKE_SIZES if args.smoke else KERNEL_SIZES)])]

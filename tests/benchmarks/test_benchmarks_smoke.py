@@ -235,6 +235,22 @@ def test_gpu_check_smoke_runs_every_section_on_the_cpu(tmp_path):
     assert all(0.5 < r["measured/estimated"] <= 1.0 for r in h200["memory"])  # estimates hold
 
 
+def test_gpu_check_set_changes_a_variants_setting_and_a_bad_key_stops_before_any_run(tmp_path):
+    """--set applies after the paper section's variant settings and is recorded under its
+    full key; an unknown key exits 2 naming it, before any section runs or writes."""
+    run("gpu_check.py", "--smoke", "--sections", "paper", "--paper-variants", "consistency",
+        "--set", "consistency_weight=4", "--out", tmp_path / "g.json")
+    result = json.loads((tmp_path / "g.json").read_text())
+    assert result["paper"][0]["settings"] == {"train.consistency_weight": "4",
+                                              "train.balance_weight": 1.0}
+    assert result["arguments"][-3:] == ["consistency_weight=4", "--out", str(tmp_path / "g.json")]
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke",
+                           "--set", "train.consistency_wieght=4", "--out", str(tmp_path / "bad.json")],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 2 and "train.consistency_wieght" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "bad.json").exists()
+
+
 def test_mmd_kernel_smoke_times_eager_and_fused_and_they_agree(tmp_path):
     out = run("mmd_kernel.py", "--smoke", "--out", tmp_path / "k.json")
     result = json.loads((tmp_path / "k.json").read_text())
