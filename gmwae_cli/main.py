@@ -305,12 +305,11 @@ def _study(args: argparse.Namespace) -> int:
         return 0
     if args.study_command == "export":
         from study.export import export_study
+        from study.objective import Objective
         from study.status import find_spec
 
         rows = export_study(find_spec(args.study), args.out, args.top, args.family,
                             args.registry_uri)
-        from study.objective import Objective
-
         ran = rows[0]["objective"]  # the trials were chosen by it: its column comes first
         label = Objective(ran["metric"], ran["mode"]).label
         width = max(len(label), 9) + 1
