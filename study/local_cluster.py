@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import psutil
+
 __all__ = ["LocalCluster", "ClusterError", "free_port", "node_ports", "ray_auth_headers"]
 
 PG_USER = "gmwae"
@@ -107,11 +109,20 @@ def _http_ok(url: str) -> bool:
 
 
 def _group_alive(pgid: int) -> bool:
+    """Whether a process of the group still runs. An exited member that nobody has
+    reaped yet (a zombie: the group's leader, when this process started it) still takes
+    a signal, but it is not running: it does not count."""
     try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
+        os.waitpid(pgid, os.WNOHANG)  # reap the leader if it is our exited child
+    except ChildProcessError:
+        pass
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                return True
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return False
 
 
 @dataclass

@@ -121,6 +121,9 @@ def run_study(spec: StudySpec, address: Optional[str] = None, verbose: int = 1,
             f"Study {spec.name!r} already exists: {n} trials in {mask_url(spec.store('optuna'))}. "
             f"Continue it with `gmwae study resume {spec.name}` (or `study run SPEC --resume`), "
             f"or start a new study with `--name NEW`.")
+    # The cluster's checks refuse before MLflow is written: a refused study leaves no
+    # experiment behind.
+    ray_storage = connect_ray(spec, address)
     tracker = open_tracker(spec)
     tracker.log_spec(spec.to_dict(), mask=mask_url)
     space = spec.search_space
@@ -129,7 +132,6 @@ def run_study(spec: StudySpec, address: Optional[str] = None, verbose: int = 1,
                       objective.metric, objective.mode)
     dataset = describe_splits(spec.run_config(spec.families[0], {}).data)
     log_dataset(tracker.client, tracker.parent_run_id, dataset)
-    ray_storage = connect_ray(spec, address)
     summary: dict[str, Any] = {}
     parts: dict[str, dict[str, Any]] = {}  # per family still to run: searcher, scheduler, ...
     for family in spec.families:

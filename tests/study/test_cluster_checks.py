@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import optuna
 import pytest
 import yaml
@@ -88,6 +89,11 @@ def test_an_unreachable_cluster_address_exits_2_at_once(tmp_path):
     assert done.returncode == 2
     assert "Cannot reach the Ray cluster at '127.0.0.1:9'" in done.stderr
     assert not (tmp_path / "ray").exists()
+    # Refused before MLflow was written: no empty experiment is left in the store.
+    mlflow_db = tmp_path / "runs" / "smoke" / "mlflow.db"
+    if mlflow_db.exists():
+        client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{mlflow_db}")
+        assert client.get_experiment_by_name("smoke") is None
 
 
 def test_intermediate_values_use_the_trials_own_iteration():

@@ -1,0 +1,35 @@
+"""Stopping a local cluster waits for its process groups to exit, and no longer."""
+import os
+import signal
+import subprocess
+import time
+
+from study.local_cluster import _group_alive
+
+
+def test_an_exited_group_leader_not_yet_reaped_does_not_count_as_running():
+    # Popen'd in a new session, as LocalCluster starts mlflow and the Ray nodes.
+    proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    pgid = proc.pid
+    assert _group_alive(pgid)
+    os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and _group_alive(pgid):
+        time.sleep(0.05)
+    # Before, the unreaped leader (a zombie) still took signal 0: stop() waited its 15 s.
+    assert not _group_alive(pgid)
+    assert not _group_alive(pgid)
+
+
+def test_a_group_whose_leader_exited_runs_while_a_member_runs():
+    # The leader exits at once; the member it started (same group) keeps running.
+    proc = subprocess.Popen(["bash", "-c", "sleep 60 & exit 0"], start_new_session=True)
+    proc.wait()
+    try:
+        assert _group_alive(proc.pid)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and _group_alive(proc.pid):
+        time.sleep(0.05)
+    assert not _group_alive(proc.pid)
