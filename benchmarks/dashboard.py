@@ -47,31 +47,28 @@ def write_study(folder: Path, trials: int, steps: int, seed: int = 0):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     tracker = StudyTracker(spec.store("mlflow"), spec.name)
     client: MlflowClient = tracker.client
-    D = optuna.distributions
+    # The trials' values come from the spec's own search space (which keys each family
+    # searches, and their ranges), drawn by Optuna's random sampler.
+    sampler = optuna.samplers.RandomSampler(seed=seed)
     for family in spec.families:
-        study = optuna.create_study(study_name=f"{spec.name}/{family}",
+        study = optuna.create_study(study_name=f"{spec.name}/{family}", sampler=sampler,
                                     storage=spec.store("optuna"), direction="maximize")
         study.set_user_attr("spec", json.loads(json.dumps(spec.to_dict())))
         for number in range(trials // 2):
-            K, d = rng.randint(8, 16), rng.randint(4, 16)
-            params = {"prior_overlap": rng.uniform(0.005, 0.2), "latent_dim": d, "K": K,
-                      "lr": rng.uniform(2e-4, 3e-3)}
-            dists = {"prior_overlap": D.FloatDistribution(0.005, 0.2, log=True),
-                     "latent_dim": D.IntDistribution(4, 16), "K": D.IntDistribution(8, 16),
-                     "lr": D.FloatDistribution(2e-4, 3e-3, log=True)}
-            if family == "gmwae":
-                params["lambda_mmd"] = rng.uniform(1, 100)
-                dists["lambda_mmd"] = D.FloatDistribution(1, 100, log=True)
+            trial = study.ask()
+            params = spec.search_space(trial, family)
+            K = spec.run_config(family, params).model.K
             failed = rng.random() < 0.05
             stopped = not failed and rng.random() < 0.5
             iters = 1 if stopped else 3
             accs = [min(1.0, 0.2 + 0.1 * i + rng.uniform(0, 0.3)) for i in range(iters)]
-            study.add_trial(optuna.trial.create_trial(
-                params=params, distributions=dists,
-                value=None if failed else accs[-1],
-                state=optuna.trial.TrialState.FAIL if failed else optuna.trial.TrialState.COMPLETE,
-                user_attrs={} if failed else {"best_value": max(accs), "latest_iteration": iters,
-                                              "best_iteration": accs.index(max(accs)) + 1}))
+            if failed:
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            else:
+                for key, value in {"best_value": max(accs), "latest_iteration": iters,
+                                   "best_iteration": accs.index(max(accs)) + 1}.items():
+                    trial.set_user_attr(key, value)
+                study.tell(trial, accs[-1])
             run = client.create_run(tracker.experiment_id, run_name=f"{family}-{number}", tags={
                 "mlflow.parentRunId": tracker.parent_run_id, "role": "trial", "family": family,
                 "study": spec.name, "optuna_trial": str(number), "iterations": str(iters),

@@ -190,6 +190,25 @@ def test_dashboard_smoke_times_a_report_from_real_stores(tmp_path):
     assert "build s (median)" in out
 
 
+def test_dashboard_benchmark_draws_each_familys_params_from_the_specs_space(tmp_path):
+    import importlib.util
+
+    import optuna
+
+    spec = importlib.util.spec_from_file_location("dashboard_bench", ROOT / "benchmarks/dashboard.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    study_spec = bench.write_study(tmp_path, trials=6, steps=10)
+    space = study_spec.search_space
+    for family in study_spec.families:
+        trials = optuna.load_study(study_name=f"bench/{family}",
+                                   storage=f"sqlite:///{tmp_path}/optuna.db").trials
+        assert len(trials) == 3
+        for t in trials:  # GM-VAE has no lambda_mmd: the space says so, not the benchmark
+            assert set(t.params) == {p.name for p in space.of(family)}
+            assert all(p.allows(t.params[p.name]) for p in space.of(family))
+
+
 @pytest.mark.slow
 def test_cluster_smoke_measures_both_family_modes_on_an_autoscaling_cluster(tmp_path):
     out = run("cluster.py", "--smoke", "--out", tmp_path / "c.json")
