@@ -43,7 +43,7 @@ FAMILY_ONLY: dict[str, tuple[str, ...]] = {
 DATASETS = ("mnist", "fashion-mnist", "digits", "synthetic")
 DEVICES = ("auto", "cpu", "cuda")
 INITS = ("torch", "paper")
-LR_SCHEDULES = ("constant", "paper")
+LR_SCHEDULES = ("constant", "paper", "linear")
 PRECISIONS = ("fp32", "bf16", "auto")
 PROTOCOLS = ("standard", "paper")
 
@@ -128,8 +128,9 @@ class TrainConfig:
     pretrain_batch: int = 1000
     """Images per pretraining step (authors' code: 1,000)."""
     lr_schedule: str = "constant"
-    """constant, or paper: the authors' rate, halved from epoch 30 and a tenth of `lr`
-    from epoch 50."""
+    """constant; paper: the authors' rate, halved from epoch 30 and a tenth of `lr` from
+    epoch 50; or linear: `lr` falling linearly to 0 at the end of the run's budget
+    (`minutes` when set, by training time, or `epochs`, by step; whichever ends first)."""
     consistency_weight: float = 0.0
     """Weight of the augmentation-consistency term on q(k|x) (objectives.py); 0: off."""
     balance_weight: float = 0.0
@@ -177,7 +178,8 @@ class TrainConfig:
                "Use 1000 (authors' code).")
         _check(self.lr_schedule in LR_SCHEDULES, "train.lr_schedule",
                f"must be one of {LR_SCHEDULES}", self.lr_schedule,
-               "Use constant, or paper for the authors' decay at epochs 30 and 50.")
+               "Use constant, paper for the authors' decay at epochs 30 and 50, or linear "
+               "for a decay to 0 over the run's budget.")
         for name in ("consistency_weight", "balance_weight"):
             value = getattr(self, name)
             _check(value >= 0 and math.isfinite(value), f"train.{name}",

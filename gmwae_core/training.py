@@ -35,7 +35,7 @@ from .objectives import (balance_kl, consistency_kl, kl_categorical_uniform, kl_
                          moment_matching_loss, weighted_mmd)
 from .priors import MixturePrior
 
-__all__ = ["Trainer", "EvalResult", "NonFiniteLossError", "resolve_device", "lr_factor",
+__all__ = ["Trainer", "EvalResult", "NonFiniteLossError", "resolve_device", "lr_factor", "budget_used",
            "resolve_precision", "PAPER_LR_DECAY"]
 
 PAPER_LR_DECAY = ((30, 0.5), (50, 0.1))
@@ -43,14 +43,35 @@ PAPER_LR_DECAY = ((30, 0.5), (50, 0.1))
 WARM_START_KMEANS_IMAGES = 10_000  # training images whose codes k-means partitions
 
 
-def lr_factor(train: TrainConfig, step: int, steps_per_epoch: int) -> float:
+def budget_used(train: TrainConfig, step: int, steps_per_epoch: int,
+                train_seconds: float) -> float:
+    """The share of the run's budget used before optimiser step `step` (0-based): steps
+    out of `train.epochs` epochs, or training seconds (pretraining included) out of
+    `train.minutes` when that is set, whichever is further along; at most 1."""
+    used = step / (train.epochs * steps_per_epoch)
+    if train.minutes is not None:
+        used = max(used, train_seconds / (60.0 * train.minutes))
+    return min(1.0, used)
+
+
+def lr_factor(train: TrainConfig, step: int, steps_per_epoch: int,
+              train_seconds: float = 0.0) -> float:
     """The learning rate of optimiser step `step` (0-based) as a factor of `train.lr`: the
-    linear warm-up over `train.warmup_steps`, times the schedule's factor at that step's
-    epoch (step // steps_per_epoch)."""
+    linear warm-up over `train.warmup_steps`, times the schedule's factor: for paper, at
+    that step's epoch (step // steps_per_epoch); for linear, 1 - u, where u is the share of
+    the budget used (`budget_used`, from the step and `train_seconds` trained so far).
+
+    The linear decay to 0 at the budget's end is the budget-aware schedule of Li, Yumer and
+    Ramanan, "Budgeted training: rethinking deep neural network training under resource
+    constraints" (ICLR 2020): a run that stops by a budget long before it converges gets
+    the decay that a constant rate never gives it.
+    """
     factor = min(1.0, (step + 1) / train.warmup_steps) if train.warmup_steps else 1.0
     if train.lr_schedule == "paper":
         epoch = step // steps_per_epoch
         factor *= min((decay for start, decay in PAPER_LR_DECAY if epoch >= start), default=1.0)
+    elif train.lr_schedule == "linear":
+        factor *= 1.0 - budget_used(train, step, steps_per_epoch, train_seconds)
     return factor
 
 EVAL_BATCH = 500
@@ -168,6 +189,7 @@ class Trainer:
         self.epoch = 0
         self.pretrained = False
         self.train_seconds = 0.0
+        self._segment_start: Optional[float] = None  # monotonic start of the running train_steps
         self.history: list[dict[str, float]] = []  # every `history_every` steps
         self._perm: Optional[torch.Tensor] = None
         self._pos = 0
@@ -207,6 +229,12 @@ class Trainer:
         """True once training (pretraining included) has used `train.minutes`."""
         minutes = self.cfg.train.minutes
         return minutes is not None and self.train_seconds >= 60.0 * minutes
+
+    def _seconds_so_far(self) -> float:
+        """Training seconds used so far, the running `train_steps` call's included."""
+        if self._segment_start is None:
+            return self.train_seconds
+        return self.train_seconds + time.monotonic() - self._segment_start
 
     def _out_of_time(self, start: float) -> bool:
         minutes = self.cfg.train.minutes
@@ -325,7 +353,8 @@ class Trainer:
         with record_function("backward"):
             loss.backward()
         with record_function("optimizer"):
-            lr = self.cfg.train.lr * lr_factor(self.cfg.train, self.step, self.steps_per_epoch)
+            lr = self.cfg.train.lr * lr_factor(self.cfg.train, self.step, self.steps_per_epoch,
+                                               self._seconds_so_far())
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             if self.cfg.train.grad_clip is not None:
@@ -348,18 +377,23 @@ class Trainer:
         self.model.train()
         stats = _StepStats.on(self.cfg.model.K, self.device)
         done, start = 0, time.monotonic()
-        while done < n and not self._out_of_time(start):
-            self.train_step(self._next_batch(), stats)
-            done += 1
-            if on_step is not None:
-                on_step(self.step)
-        self.train_seconds += time.monotonic() - start
+        self._segment_start = start
+        try:
+            while done < n and not self._out_of_time(start):
+                self.train_step(self._next_batch(), stats)
+                done += 1
+                if on_step is not None:
+                    on_step(self.step)
+        finally:
+            self._segment_start = None
+            self.train_seconds += time.monotonic() - start
         self._flush_history(stats)
         if done == 0:
             return {}
         out = {f"train/{k}": float(v) / done for k, v in stats.sums.items()}
         out["train/active_components"] = float(active_count(stats.counts))
         out["train/bf16_networks"] = 1.0 if self.precision == "bf16" else 0.0  # what auto chose
+        out["train/lr"] = float(self.optimizer.param_groups[0]["lr"])  # the last step's rate
         # Aggregate q(k) over the steps' images: (1, K) mean responsibilities.
         out["train/assignment_entropy"] = float(aggregate_entropy(
             (stats.q_k_sum / stats.counts.sum()).unsqueeze(0)))

@@ -73,6 +73,34 @@ def test_the_trainer_applies_the_schedule_at_the_epoch_boundaries():
     assert t.optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
 
 
+def test_the_linear_schedule_falls_to_0_at_the_end_of_the_budget_by_step_or_by_time():
+    per_epoch = 100
+    by_steps = TrainConfig(lr_schedule="linear", epochs=4)
+    assert [lr_factor(by_steps, s, per_epoch) for s in (0, 100, 200, 300, 400, 900)] == \
+        [1.0, 0.75, 0.5, 0.25, 0.0, 0.0]
+    by_time = TrainConfig(lr_schedule="linear", epochs=1000, minutes=2.0)
+    assert lr_factor(by_time, 10, per_epoch, train_seconds=30.0) == pytest.approx(0.75, abs=1e-3)
+    assert lr_factor(by_time, 10, per_epoch, train_seconds=90.0) == pytest.approx(0.25, abs=1e-3)
+    assert lr_factor(by_time, 10, per_epoch, train_seconds=500.0) == 0.0
+    # whichever budget is further along decides: step 300 of 400 is past 30 s of 120
+    both = TrainConfig(lr_schedule="linear", epochs=4, minutes=2.0)
+    assert lr_factor(both, 300, per_epoch, train_seconds=30.0) == pytest.approx(0.25)
+    warm = TrainConfig(lr_schedule="linear", epochs=4, warmup_steps=10)
+    assert lr_factor(warm, 4, per_epoch) == pytest.approx(0.5 * (1 - 4 / 400))
+
+
+def test_the_trainer_decays_the_rate_with_the_training_time_it_has_used():
+    t = trainer(lr_schedule="linear", lr=1e-3, minutes=1.0, epochs=1000)
+    t.pretrain()
+    t.train_seconds = 45.0  # three quarters of the one-minute budget already used
+    out = t.train_steps(1)
+    assert out["train/lr"] == pytest.approx(2.5e-4, rel=0.05)  # 1 - 45/60, less the step's own time
+    assert out["train/lr"] <= 2.5e-4
+    assert t.optimizer.param_groups[0]["lr"] == out["train/lr"]
+    t.train_seconds = 60.0
+    assert t.train_steps(1) == {}  # the budget is used: no step, and no rate below 0
+
+
 def test_paper_initialisation_draws_small_normal_weights_and_zero_biases():
     torch.manual_seed(0)
     model = GMLVM(from_preset("paper", {"init": "paper"}).model)
