@@ -176,6 +176,13 @@ def autoscaling_config(gcs_address: str, max_workers: int, cpus: float, gpus: fl
     }
 
 
+STOP_GRACE_S = 5.0
+"""Seconds stop() gives the groups after SIGTERM. The MLflow server exits within one; Ray's
+`ray start --block` and its GCS shut down gracefully for more than 15 s (session 17's trace),
+and none of their state outlives the cluster (its temp folders are removed, PostgreSQL is
+stopped on its own), so they get SIGKILL after this."""
+
+
 class LocalCluster:
     """PostgreSQL + MLflow server + Ray head (0 CPUs) + Ray workers on this machine: either
     `workers` workers started at once and kept, or (`autoscaling=True`) none at first and
@@ -393,12 +400,29 @@ class LocalCluster:
             self.state.pids.pop(key, None)
             self._save()
 
+    def processes(self) -> list[psutil.Process]:
+        """The running processes (zombies aside) whose command line names one of this
+        cluster's temp folders: PostgreSQL, and its Ray nodes' raylets, GCS and workers."""
+        folders = tuple(self.state.temp_dirs)
+        found = []
+        for proc in psutil.process_iter(["cmdline", "status"]):
+            try:
+                if proc.info["status"] == psutil.STATUS_ZOMBIE or proc.pid == os.getpid():
+                    continue
+                cmdline = " ".join(proc.info["cmdline"] or ())
+            except psutil.Error:
+                continue
+            if folders and any(folder in cmdline for folder in folders):
+                found.append(proc)
+        return found
+
     def stop(self) -> None:
         """Tear everything down (also what a failed start left): SIGTERM to every group,
-        up to 15 s to exit, then SIGKILL to whatever is left, and PostgreSQL stopped."""
+        up to STOP_GRACE_S to exit, then SIGKILL to whatever is left, PostgreSQL stopped,
+        and SIGKILL to any other process that names the cluster's temp folders."""
         for key in list(self.state.pids):
             self._kill(key, signal.SIGTERM)
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + STOP_GRACE_S
         while time.monotonic() < deadline and any(_group_alive(p) for p in self.state.pids.values()):
             time.sleep(0.5)
         for key in list(self.state.pids):
@@ -406,6 +430,16 @@ class LocalCluster:
         data = Path(self.state.pg_dir or "/nonexistent") / "data"
         if (data / "postmaster.pid").exists():
             self._run_pg(_pg_bin("pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
+        # Processes of the cluster outside those groups (a node that a Ray process started
+        # in a session of its own) still name the cluster's temp folders: SIGKILL them too.
+        deadline = time.monotonic() + STOP_GRACE_S
+        while (left := self.processes()) and time.monotonic() < deadline:
+            for proc in left:
+                try:
+                    proc.kill()
+                except psutil.Error:
+                    pass
+            time.sleep(0.2)
         for folder in self.state.temp_dirs:
             shutil.rmtree(folder, ignore_errors=True)
 

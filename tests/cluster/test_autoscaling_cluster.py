@@ -28,8 +28,11 @@ TRIALS = 3
 def cluster(tmp_path_factory):
     c = LocalCluster(tmp_path_factory.mktemp("autoscaling"), workers=2, cpus_per_worker=1,
                      autoscaling=True, gpus_per_worker=1, idle_timeout_minutes=0.25).start()
+    assert c.processes()  # found by the temp folders their command lines name
     yield c
     c.stop()
+    left = c.processes()  # stop() leaves none of the cluster's processes running
+    assert not left, [p.cmdline() for p in left]
 
 
 def workers(cluster) -> list[dict]:

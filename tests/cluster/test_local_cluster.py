@@ -23,8 +23,11 @@ TRIALS = 3
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     c = LocalCluster(tmp_path_factory.mktemp("cluster"), workers=2, cpus_per_worker=1).start()
+    assert c.processes()  # found by the temp folders their command lines name
     yield c
     c.stop()
+    left = c.processes()  # stop() leaves none of the cluster's processes running
+    assert not left, [p.cmdline() for p in left]
 
 
 def cluster_spec(cluster, folder: Path, name: str, **changes) -> Path:
