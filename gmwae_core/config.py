@@ -130,7 +130,8 @@ class TrainConfig:
     lr_schedule: str = "constant"
     """constant; paper: the authors' rate, halved from epoch 30 and a tenth of `lr` from
     epoch 50; or linear: `lr` falling linearly to 0 at the end of the run's budget
-    (`minutes` when set, by training time, or `epochs`, by step; whichever ends first)."""
+    (`minutes` when set, by training time, or `epochs`, by step, whichever ends first; a
+    caller that stops the run by its own step count sets `Trainer.budget_steps`)."""
     consistency_weight: float = 0.0
     """Weight of the augmentation-consistency term on q(k|x) (objectives.py); 0: off."""
     balance_weight: float = 0.0

@@ -35,31 +35,32 @@ from .objectives import (balance_kl, consistency_kl, kl_categorical_uniform, kl_
                          moment_matching_loss, weighted_mmd)
 from .priors import MixturePrior
 
-__all__ = ["Trainer", "EvalResult", "NonFiniteLossError", "resolve_device", "lr_factor", "budget_used",
-           "resolve_precision", "PAPER_LR_DECAY"]
+__all__ = ["Trainer", "EvalResult", "NonFiniteLossError", "resolve_device", "lr_factor",
+           "budget_used", "resolve_precision", "PAPER_LR_DECAY"]
 
 PAPER_LR_DECAY = ((30, 0.5), (50, 0.1))
 """The authors' schedule (train.lr_schedule=paper): (from epoch, factor of train.lr)."""
 WARM_START_KMEANS_IMAGES = 10_000  # training images whose codes k-means partitions
 
 
-def budget_used(train: TrainConfig, step: int, steps_per_epoch: int,
+def budget_used(train: TrainConfig, step: int, budget_steps: int,
                 train_seconds: float) -> float:
     """The share of the run's budget used before optimiser step `step` (0-based): steps
-    out of `train.epochs` epochs, or training seconds (pretraining included) out of
+    out of `budget_steps`, or training seconds (pretraining included) out of
     `train.minutes` when that is set, whichever is further along; at most 1."""
-    used = step / (train.epochs * steps_per_epoch)
+    used = step / budget_steps
     if train.minutes is not None:
         used = max(used, train_seconds / (60.0 * train.minutes))
     return min(1.0, used)
 
 
 def lr_factor(train: TrainConfig, step: int, steps_per_epoch: int,
-              train_seconds: float = 0.0) -> float:
+              train_seconds: float = 0.0, budget_steps: Optional[int] = None) -> float:
     """The learning rate of optimiser step `step` (0-based) as a factor of `train.lr`: the
     linear warm-up over `train.warmup_steps`, times the schedule's factor: for paper, at
     that step's epoch (step // steps_per_epoch); for linear, 1 - u, where u is the share of
-    the budget used (`budget_used`, from the step and `train_seconds` trained so far).
+    the budget used (`budget_used`: the step out of `budget_steps`, by default
+    `train.epochs` epochs, and `train_seconds` out of `train.minutes`).
 
     The linear decay to 0 at the budget's end is the budget-aware schedule of Li, Yumer and
     Ramanan, "Budgeted training: rethinking deep neural network training under resource
@@ -71,7 +72,8 @@ def lr_factor(train: TrainConfig, step: int, steps_per_epoch: int,
         epoch = step // steps_per_epoch
         factor *= min((decay for start, decay in PAPER_LR_DECAY if epoch >= start), default=1.0)
     elif train.lr_schedule == "linear":
-        factor *= 1.0 - budget_used(train, step, steps_per_epoch, train_seconds)
+        steps = budget_steps if budget_steps is not None else train.epochs * steps_per_epoch
+        factor *= 1.0 - budget_used(train, step, steps, train_seconds)
     return factor
 
 EVAL_BATCH = 500
@@ -181,6 +183,10 @@ class Trainer:
             raise ConfigError(f"`train.batch_size` must not exceed the {n_train} training images, "
                              f"but got {cfg.train.batch_size}. Lower it.")
         self.steps_per_epoch = n_train // cfg.train.batch_size
+        self.budget_steps = cfg.train.epochs * self.steps_per_epoch
+        """Optimiser steps the run may take, which the linear schedule decays over: by
+        default `train.epochs` epochs; a caller that stops the run by its own count of
+        steps sets it to that count."""
         # The meta device (shapes only: tests check the step for device mixing and host
         # synchronisation without a GPU) has no random generator; its sampling needs none.
         self.generator = (None if self.device.type == "meta" else
@@ -354,7 +360,7 @@ class Trainer:
             loss.backward()
         with record_function("optimizer"):
             lr = self.cfg.train.lr * lr_factor(self.cfg.train, self.step, self.steps_per_epoch,
-                                               self._seconds_so_far())
+                                               self._seconds_so_far(), self.budget_steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             if self.cfg.train.grad_clip is not None:

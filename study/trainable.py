@@ -58,6 +58,7 @@ def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         with checkpoint.as_directory() as folder:
             iteration = int(load_checkpoint(Path(folder) / "checkpoint", trainer)[ITERATION])
     steps = setup.spec.steps_per_iteration or trainer.steps_per_epoch
+    trainer.budget_steps = steps * setup.spec.max_iterations  # what lr_schedule=linear decays over
     while iteration < setup.spec.max_iterations:
         train_metrics = trainer.train_steps(steps)
         val = trainer.evaluate("val")

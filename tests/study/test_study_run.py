@@ -66,6 +66,23 @@ def test_a_diverging_trial_is_marked_failed_and_the_study_goes_on(tmp_path, ray_
     assert (children["status"] == "FINISHED").sum() == 2 * spec.trials - 1
 
 
+def test_a_trials_linear_schedule_decays_the_rate_over_the_trials_own_length(tmp_path, ray_local):
+    smoke = load_spec(ROOT / "studies/smoke.yaml")
+    spec = load_spec(ROOT / "studies/smoke.yaml", {
+        **stores(tmp_path, "linear"), "trials": 1, "scheduler": {"type": "none"},
+        "fixed": {**smoke.fixed, "lr_schedule": "linear"}})
+    run_study(spec, verbose=0)
+    runs, client = runs_of(tmp_path, "linear")
+    children = runs[runs["tags.role"] == "trial"]
+    assert len(children) == 2
+    budget = spec.max_iterations * spec.steps_per_iteration  # 2 x 10 steps, not train.epochs
+    for _, child in children.iterrows():
+        rates = [m.value for m in client.get_metric_history(child["run_id"], "train/lr")]
+        lr = float(child["params.train.lr"])
+        # each iteration's last step: 9 and 19 of 20
+        assert rates == pytest.approx([lr * (1 - 9 / budget), lr * (1 - 19 / budget)], rel=1e-6)
+
+
 def test_cli_runs_the_smoke_study_into_real_stores(tmp_path):
     spec_file = tmp_path / "spec.yaml"
     text = (ROOT / "studies/smoke.yaml").read_text()
