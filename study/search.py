@@ -83,6 +83,7 @@ class StudySearch(OptunaSearch):
         super().__init__(*args, **kwargs)
         self._retry = list(retry)
         self._pruned_below = pruned_below
+        self._reported: dict[str, int] = {}  # trial id -> the last iteration told to Optuna
 
     def suggest(self, trial_id: str) -> Optional[dict]:
         extra: dict[str, Any] = {}
@@ -103,11 +104,14 @@ class StudySearch(OptunaSearch):
         if ITERATION in result:
             result = {**result, "training_iteration": result[ITERATION]}
         super().on_trial_result(trial_id, result)
+        if ITERATION in result and trial_id not in self._completed_trials:
+            self._reported[trial_id] = int(result[ITERATION])
 
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None,
                           error: bool = False) -> None:
-        """Tune hands a trial's last result only to on_trial_complete: record it as an
-        intermediate value too, so Optuna's curves end where the trial ended.
+        """Tune may hand a trial's last result only to on_trial_complete (a trial ASHA
+        stops): record it as an intermediate value too, unless on_trial_result already did
+        (Optuna would warn and ignore it), so Optuna's curves end where the trial ended.
 
         A trial that ASHA stopped before its budget is told to Optuna as PRUNED (Ray's
         OptunaSearch would tell it COMPLETE): Optuna then takes its last intermediate value
@@ -117,7 +121,8 @@ class StudySearch(OptunaSearch):
         if (ot_trial is not None and trial_id not in self._completed_trials
                 and isinstance(value, (int, float)) and math.isfinite(value)
                 and ITERATION in result):
-            ot_trial.report(float(value), int(result[ITERATION]))
+            if self._reported.get(trial_id) != int(result[ITERATION]):
+                ot_trial.report(float(value), int(result[ITERATION]))
             if (not error and self._pruned_below is not None
                     and int(result[ITERATION]) < self._pruned_below):
                 ot_trial.set_user_attr("stopped_by", "ASHA")
