@@ -10,7 +10,12 @@ reads search_spaces/default.yaml), a path to one, or a mapping inline in the stu
 
 Every key is a RunConfig key (bare or dotted). `families:` limits a parameter to some
 families; a key only some families have (gmwae_core.config.FAMILY_ONLY: lambda_mmd) is
-limited to them anyway. The paper point, enqueued first, is the paper's value of each
+limited to them anyway. `by_family:` gives one family its own range, where a value means
+something else on that family's loss (the options' weights: GM-VAE's ELBO is in nats, tens
+of times GM-WAE's loss):
+
+    consistency_weight: {type: float, low: 0.0, high: 8.0, by_family: {gmvae: {high: 100.0}}}
+ The paper point, enqueued first, is the paper's value of each
 searched key (K 10, d 10, overlap 2*Phi(-2), lambda 10, or the parameter's `paper:`); a
 key without one is sampled; a paper value outside its range means no paper point.
 No computation happens in a suggest (OptunaSearch's rule for define-by-run spaces).
@@ -18,7 +23,7 @@ No computation happens in a suggest (OptunaSearch's rule for define-by-run space
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -34,7 +39,9 @@ PAPER: dict[str, Any] = {"lambda_mmd": 10.0, "prior_overlap": PAPER_PRIOR_OVERLA
                          "latent_dim": 10, "K": 10}
 """The paper's setting of the knobs it names (Section 3)."""
 TYPES = ("float", "int", "categorical")
-FIELDS = {"type", "low", "high", "log", "step", "choices", "families", "paper"}
+FIELDS = {"type", "low", "high", "log", "step", "choices", "families", "paper", "by_family"}
+FAMILY_FIELDS = FIELDS - {"type", "families", "by_family"}
+"""What `by_family: {FAMILY: {...}}` may change: the range and the paper value."""
 
 
 class SpaceError(ConfigError):
@@ -58,6 +65,12 @@ class Param:
     families: tuple[str, ...] = FAMILIES
     paper: Any = None
     """The paper's value of this key (None: none; it is then sampled at the paper point)."""
+    by_family: tuple[tuple[str, "Param"], ...] = ()
+    """(family, this parameter as that family draws it) where `by_family:` gave one."""
+
+    def for_family(self, family: str) -> "Param":
+        """This parameter as `family` draws it: its own range where `by_family:` gave one."""
+        return dict(self.by_family).get(family, self)
 
     def suggest(self, trial) -> Any:
         if self.type == "float":
@@ -96,7 +109,8 @@ class SearchSpace:
     source: dict = field(default_factory=dict, compare=False)
 
     def of(self, family: str) -> tuple[Param, ...]:
-        return tuple(p for p in self.params if family in p.families)
+        """The family's parameters, each with the family's own range (`by_family:`)."""
+        return tuple(p.for_family(family) for p in self.params if family in p.families)
 
     def __call__(self, trial, family: str) -> dict[str, Any]:
         """Define-by-run: the family's searched values, as config keys."""
@@ -206,6 +220,13 @@ def _number(value: Any) -> Any:
 
 
 def _param(key: str, spec: Any, where: str) -> Param:
+    """The parameter, checked, then each family's own (`by_family:`), checked the same way."""
+    param = _one_param(key, spec, where)
+    by_family = _by_family(key, spec, param.families, where)
+    return replace(param, by_family=by_family) if by_family else param
+
+
+def _one_param(key: str, spec: Any, where: str) -> Param:
     if not isinstance(spec, dict):
         _fail(where, key, "must be a mapping with a type (float, int or categorical)", spec,
               "Write e.g. {type: float, low: 1.0, high: 100.0, log: true}.")
@@ -267,3 +288,30 @@ def _param(key: str, spec: Any, where: str) -> Param:
         _fail(where, f"{key}.step", "must be a positive number, and cannot go with log: true",
               step, "Remove step, or set log: false.")
     return Param(**out, low=low, high=high, log=log, step=step)
+
+
+def _by_family(key: str, spec: dict, families: tuple[str, ...],
+               where: str) -> tuple[tuple[str, Param], ...]:
+    """`by_family: {FAMILY: {low: .., high: ..}}`: each family's parameter, checked by the
+    same rules as the parameter itself (the family's fields over the parameter's own)."""
+    given = spec.get("by_family")
+    if given is None:
+        return ()
+    if not isinstance(given, dict) or not given:
+        _fail(where, f"{key}.by_family", "must map a family to the fields it changes", given,
+              f"Write e.g. by_family: {{{families[-1]}: {{high: 100.0}}}}.")
+    out = []
+    for family, fields in given.items():
+        if family not in families:
+            _fail(where, f"{key}.by_family", f"may only name the parameter's families "
+                  f"({list(families)})", family, f"Use one of {list(families)}.")
+        if not isinstance(fields, dict) or not fields:
+            _fail(where, f"{key}.by_family.{family}", "must be a mapping of fields to change",
+                  fields, "Write e.g. {low: 0.0, high: 100.0}.")
+        unknown = sorted(set(fields) - FAMILY_FIELDS)
+        if unknown:
+            _fail(where, f"{key}.by_family.{family}.{unknown[0]}", f"cannot differ by family "
+                  f"(only {', '.join(sorted(FAMILY_FIELDS))} can)", unknown[0], "Remove it.")
+        own = {k: v for k, v in spec.items() if k != "by_family"}
+        out.append((family, _one_param(key, {**own, **fields}, f"{where} (by_family.{family})")))
+    return tuple(out)

@@ -89,6 +89,29 @@ def test_an_inline_space_in_the_spec_and_its_paper_point():
     assert "K=10 outside the space" in narrow.search_space.paper_point_note("gmvae")
 
 
+def test_a_family_draws_its_own_range_where_by_family_gives_one():
+    """The options' weights mean something else on GM-VAE's loss (nats): the quickstart's
+    GM-VAE draws them in [0, 100], its GM-WAE in [0, 8] and [0, 2]."""
+    space = load_space("quickstart")
+    ranges = {family: {p.name: (p.low, p.high) for p in space.of(family)} for family in FAMILIES}
+    assert ranges["gmwae"]["consistency_weight"] == (0.0, 8.0)
+    assert ranges["gmwae"]["balance_weight"] == (0.0, 2.0)
+    assert ranges["gmvae"]["consistency_weight"] == ranges["gmvae"]["balance_weight"] == (0.0, 100.0)
+    assert ranges["gmwae"]["lr"] == ranges["gmvae"]["lr"]  # the others are shared
+    drawn = {}
+    for family in FAMILIES:
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+        drawn[family] = [space(study.ask(), family)["consistency_weight"] for _ in range(20)]
+    assert max(drawn["gmwae"]) <= 8.0 < max(drawn["gmvae"]) <= 100.0
+    assert space.paper_point("gmvae")["consistency_weight"] == 0.0  # the paper point stands
+    inline = load_space({"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True,
+                                "by_family": {"gmvae": {"low": 1e-3, "paper": 2e-3}}}})
+    gmvae_lr = inline.of("gmvae")[0]
+    assert (gmvae_lr.low, gmvae_lr.high, gmvae_lr.log) == (1e-3, 1e-2, True)
+    assert inline.paper_point("gmvae") == {"lr": 2e-3} and inline.paper_point("gmwae") == {}
+    assert inline.of("gmvae")[0].describe() == "lr: float 0.001..0.01, log"
+
+
 @pytest.mark.parametrize("space, pattern", [
     ({"Kk": {"type": "int", "low": 2, "high": 9}}, r"Unknown config key `Kk`\. Did you mean `K`\?"),
     ({"K": {"type": "int", "low": 9, "high": 9}}, r"`K.low` must be below high \(9\), but got 9"),
@@ -105,6 +128,15 @@ def test_an_inline_space_in_the_spec_and_its_paper_point():
     ({"K": {"type": "int", "low": 2.5, "high": 9}}, r"`K.low` must be a whole number for type int"),
     ({"K": {"type": "int", "lo": 2, "high": 9}}, r"`K.lo` is not a parameter field"),
     ({"K": 10}, r"`K` must be a mapping with a type"),
+    ({"lambda_mmd": {"type": "float", "low": 1, "high": 9, "by_family": {"gmvae": {"high": 50}}}},
+     r"`lambda_mmd.by_family` may only name the parameter's families \(\['gmwae'\]\), but "
+     r"got 'gmvae'"),
+    ({"K": {"type": "int", "low": 2, "high": 9, "by_family": [{"gmvae": {"high": 50}}]}},
+     r"`K.by_family` must map a family to the fields it changes"),
+    ({"K": {"type": "int", "low": 2, "high": 9, "by_family": {"gmvae": {"type": "float"}}}},
+     r"`K.by_family.gmvae.type` cannot differ by family"),
+    ({"K": {"type": "int", "low": 2, "high": 9, "by_family": {"gmvae": {"high": 1}}}},
+     r"\(by_family.gmvae\): `K.low` must be below high \(1\), but got 2"),
     ({"K": {"type": "int", "low": 2, "high": 9}, "model.K": {"type": "int", "low": 2, "high": 5}},
      r"`model.K` names the same config key as `K`"),
 ])
