@@ -15,9 +15,10 @@ something else on that family's loss (the options' weights: GM-VAE's ELBO is in 
 of times GM-WAE's loss):
 
     consistency_weight: {type: float, low: 0.0, high: 8.0, by_family: {gmvae: {high: 100.0}}}
- The paper point, enqueued first, is the paper's value of each
-searched key (K 10, d 10, overlap 2*Phi(-2), lambda 10, or the parameter's `paper:`); a
-key without one is sampled; a paper value outside its range means no paper point.
+
+The paper point, enqueued first, is the paper's value of each searched key (K 10, d 10,
+overlap 2*Phi(-2), lambda 10, or the parameter's `paper:`); a key without one is sampled; a
+paper value outside its range means no paper point.
 No computation happens in a suggest (OptunaSearch's rule for define-by-run spaces).
 """
 from __future__ import annotations

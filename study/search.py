@@ -121,7 +121,7 @@ class StudySearch(OptunaSearch):
         if (ot_trial is not None and trial_id not in self._completed_trials
                 and isinstance(value, (int, float)) and math.isfinite(value)
                 and ITERATION in result):
-            if self._reported.get(trial_id) != int(result[ITERATION]):
+            if self._reported.pop(trial_id, None) != int(result[ITERATION]):
                 ot_trial.report(float(value), int(result[ITERATION]))
             if (not error and self._pruned_below is not None
                     and int(result[ITERATION]) < self._pruned_below):
