@@ -45,8 +45,18 @@ VARIANTS: dict[str, dict] = {
     "warm-start": {"family": "gmwae", "warm_start_steps": 1000},
     "gmvae": {"family": "gmvae"},
     "gmvae-consistency": {"family": "gmvae", "consistency_weight": 1.0, "balance_weight": 1.0},
+    # The option at the weights measured best for each family (README, Quality): GM-WAE at
+    # 4 and 1 with the authors' pretraining (session 15, 0.949 over 3 seeds); GM-VAE at 50
+    # and 50, on its ELBO's scale (session 19, 0.898; at 1 and 1 it collapses).
+    "consistency-tuned": {"family": "gmwae", "consistency_weight": 4.0, "balance_weight": 1.0,
+                          "pretrain_steps": 1500, "pretrain_batch": 1000},
+    "gmvae-consistency-tuned": {"family": "gmvae", "consistency_weight": 50.0,
+                                "balance_weight": 50.0},
 }
-"""Each variant: the cpu preset plus these settings (then --set)."""
+"""Each variant: the cpu preset plus these settings (then --set). The plain `consistency`
+variants keep weights 1 and 1, so the commands of earlier sessions still run what they ran."""
+CONSISTENCY_TARGET = 0.85
+"""Issue 16: the GM-WAE with the consistency option reaches this mean test accuracy."""
 
 
 def kmeans_anchor(data_cfg, K: int, seed: int) -> dict[str, float]:
@@ -79,13 +89,14 @@ def targets(results: dict, K: int) -> dict[str, bool | None]:
     def mean(variant):
         return summary[variant]["cluster_acc"]["mean"] if variant in summary else None
 
-    paper, consistency = mean("paper"), mean("consistency")
+    paper = mean("paper")
     return {
         "paper_mean_ge_0.65": None if paper is None else paper >= 0.65,
         "paper_every_seed_ge_9_modes": None if "paper" not in runs else all(
             r["test/active_components"] >= K - 1 for r in runs["paper"].values()),
         "paper_beats_kmeans": None if paper is None else paper > summary["kmeans"]["cluster_acc"]["mean"],
-        "consistency_mean_ge_0.85": None if consistency is None else consistency >= 0.85,
+        **{f"{v}_mean_ge_{CONSISTENCY_TARGET}": None if mean(v) is None else mean(v) >= CONSISTENCY_TARGET
+           for v in ("consistency", "consistency-tuned")},
         "gmvae_collapsed_le_3_every_seed": None if "gmvae" not in runs else all(
             r["test/active_components"] <= 3 for r in runs["gmvae"].values()),
     }
@@ -222,9 +233,10 @@ def main() -> int:
 
     base = {"dataset": "mnist", "data_dir": args.data_dir, "minutes": args.minutes,
             "epochs": 1_000_000, "eval_size": 2000}
+    smoke = {}      # over a variant's own settings too: no variant's pretraining runs long here
     if args.smoke:
-        base = {"dataset": "synthetic", "minutes": 0.05, "epochs": 1_000_000,
-                "decoder_width": 8, "pretrain_steps": 5, "pretrain_batch": 64}
+        base = {"dataset": "synthetic", "minutes": 0.05, "epochs": 1_000_000, "decoder_width": 8}
+        smoke = {"pretrain_steps": 5, "pretrain_batch": 64}
     variants = args.variants.split(",")
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -243,7 +255,8 @@ def main() -> int:
             raise SystemExit(f"--set {' '.join(args.overrides)}: the seed is set per run by "
                              f"--seeds N or --seed-list; use --seed-list 2 instead")
         # --set goes last: it changes a variant's own settings too (--set consistency_weight=4).
-        configs = {(v, s): from_preset("cpu", {**base, **VARIANTS[v], **overrides, "seed": s})
+        configs = {(v, s): from_preset("cpu", {**base, **VARIANTS[v], **smoke, **overrides,
+                                                  "seed": s})
                    for v in variants for s in seeds}  # bad --set stops here, before training
     except ConfigError as e:
         raise SystemExit(f"--set: {e}") from None

@@ -18,6 +18,22 @@ def gmwae(*args, cwd, timeout=900):
                           timeout=timeout)
 
 
+# `make test` runs the suite on two pytest-xdist workers (`--dist loadgroup`). A group's
+# tests run on one worker, in file order, so the session's smoke study is built once and its
+# stores see the tests in the order a serial run gives them; the multi-node clusters run one
+# at a time, so two never share the two cores.
+SMOKE_STUDY_GROUP = "smoke_study"
+LOCAL_CLUSTERS = pytest.mark.xdist_group("local_clusters")
+"""For a test that starts a Ray cluster of processes (`ray start`, `ray up`, the autoscaler)."""
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups from the marks
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "smoke_study" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group(SMOKE_STUDY_GROUP))
+
+
 @pytest.fixture(scope="session")
 def smoke_study(tmp_path_factory):
     """A finished smoke study (3 trials per family) and a 2-seed confirmation of it, in real

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import LOCAL_CLUSTERS
+
 ROOT = Path(__file__).parents[2]
 
 
@@ -18,16 +20,18 @@ def run(script, *args):
 
 def test_quality_smoke_runs_variants_over_seeds_with_kmeans_and_merges(tmp_path):
     # --set applies after a variant's own settings: it can change the consistency weight.
-    out = run("quality.py", "--smoke", "--variants", "paper,consistency,gmvae", "--seeds", "2",
+    out = run("quality.py", "--smoke", "--variants", "paper,consistency-tuned,gmvae", "--seeds", "2",
               "--set", "train.consistency_weight=0.5",
               "--out", tmp_path / "a.json", "--runs", tmp_path / "runs")
     result = json.loads((tmp_path / "a.json").read_text())
-    assert set(result["runs"]) == {"paper", "consistency", "gmvae"}
+    assert set(result["runs"]) == {"paper", "consistency-tuned", "gmvae"}
     assert all(set(runs) == {"0", "1"} for runs in result["runs"].values())
-    train = result["runs"]["consistency"]["0"]["config"]["train"]
+    train = result["runs"]["consistency-tuned"]["0"]["config"]["train"]
     assert train["consistency_weight"] == 0.5 and train["balance_weight"] == 1.0
+    # the smoke's short pretraining goes over the variant's own (1,500 x 1,000 images)
+    assert (train["pretrain_steps"], train["pretrain_batch"]) == (5, 64)
     assert result["runs"]["paper"]["1"]["config"]["train"]["seed"] == 1
-    assert result["variants"]["consistency"]["train.consistency_weight"] == "0.5"
+    assert result["variants"]["consistency-tuned"]["train.consistency_weight"] == "0.5"
     for runs in [*result["runs"].values(), result["kmeans"]]:
         for r in runs.values():
             assert 0.0 < r["test/cluster_acc"] <= 1.0 and -1.0 <= r["test/ami"] <= 1.0
@@ -38,7 +42,10 @@ def test_quality_smoke_runs_variants_over_seeds_with_kmeans_and_merges(tmp_path)
     per_seed = [result["runs"]["paper"][s]["test/cluster_acc"] for s in ("0", "1")]
     assert paper["n"] == 2 and paper["mean"] == pytest.approx(sum(per_seed) / 2)
     assert paper["std"] == pytest.approx(abs(per_seed[0] - per_seed[1]) / 2 ** 0.5)
+    # a target whose variant did not run is None, the others are measured
+    assert result["targets"].pop("consistency_mean_ge_0.85") is None
     assert all(isinstance(v, bool) for v in result["targets"].values())
+    assert "consistency-tuned_mean_ge_0.85" in result["targets"]
     assert "kmeans" in out and "± " in out and "seed 1:" in out
     # The processor is recorded (its steps per budget differ), and the precision that ran.
     from gmwae_core.training import cpu_has_fast_bf16
@@ -209,6 +216,7 @@ def test_dashboard_benchmark_draws_each_familys_params_from_the_specs_space(tmp_
             assert all(p.allows(t.params[p.name]) for p in space.of(family))
 
 
+@LOCAL_CLUSTERS
 @pytest.mark.slow
 def test_cluster_smoke_measures_both_family_modes_on_an_autoscaling_cluster(tmp_path):
     out = run("cluster.py", "--smoke", "--out", tmp_path / "c.json")

@@ -15,9 +15,9 @@ import psutil
 import pytest
 
 from study.local_cluster import LocalCluster, ray_auth_headers
-from tests.conftest import ROOT
+from tests.conftest import LOCAL_CLUSTERS, ROOT
 
-pytestmark = pytest.mark.slow  # a whole cluster per module: minutes
+pytestmark = [pytest.mark.slow, LOCAL_CLUSTERS]  # a whole cluster per module: minutes
 
 RAY = str(Path(sys.executable).parent / "ray")
 GMWAE = str(Path(sys.executable).parent / "gmwae")

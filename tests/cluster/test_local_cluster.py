@@ -12,9 +12,9 @@ import optuna
 import pytest
 
 from study.local_cluster import PASSWORD_ENV, LocalCluster, ray_auth_headers
-from tests.conftest import ROOT
+from tests.conftest import LOCAL_CLUSTERS, ROOT
 
-pytestmark = pytest.mark.slow  # a whole cluster per module: minutes
+pytestmark = [pytest.mark.slow, LOCAL_CLUSTERS]  # a whole cluster per module: minutes
 
 RAY = str(Path(sys.executable).parent / "ray")
 TRIALS = 3

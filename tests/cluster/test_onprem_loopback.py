@@ -18,7 +18,7 @@ import yaml
 
 from study.local_cluster import ray_auth_headers
 from study.onprem_loopback import HEAD_IP, SHIPPED_CONFIG, OnPremLoopback, _pid_alive
-from tests.conftest import ROOT
+from tests.conftest import LOCAL_CLUSTERS, ROOT
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
@@ -56,6 +56,7 @@ def wait_for_nodes(dashboard: str, ips: set[str], timeout: float = 120) -> None:
     raise AssertionError(f"alive nodes {sorted(seen)} after {timeout:.0f} s, wanted {sorted(ips)}")
 
 
+@LOCAL_CLUSTERS
 @pytest.mark.slow  # sshd, two `ray up`s and a study: about three minutes
 def test_ray_up_of_the_onprem_form_over_ssh_runs_a_study_on_its_worker_and_ray_down_stops_it(
         tmp_path):
