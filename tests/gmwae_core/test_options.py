@@ -1,6 +1,7 @@
 """The paper's model done faithfully (pretraining, schedule, initialisation, evaluation
 protocol) and the options past it (augmentation consistency, balance, warm start, bf16)."""
 import math
+import time
 
 import numpy as np
 import pytest
@@ -93,9 +94,12 @@ def test_the_trainer_decays_the_rate_with_the_training_time_it_has_used():
     t = trainer(lr_schedule="linear", lr=1e-3, minutes=1.0, epochs=1000)
     t.pretrain()
     t.train_seconds = 45.0  # three quarters of the one-minute budget already used
+    start = time.monotonic()
     out = t.train_steps(1)
-    assert out["train/lr"] == pytest.approx(2.5e-4, rel=0.05)  # 1 - 45/60, less the step's own time
-    assert out["train/lr"] <= 2.5e-4
+    took = time.monotonic() - start
+    # 1 - 45/60, less at most the share of the budget this call itself took (whatever the
+    # machine's load: the suite runs on two workers)
+    assert 1e-3 * (1 - (45.0 + took) / 60.0) <= out["train/lr"] <= 2.5e-4
     assert t.optimizer.param_groups[0]["lr"] == out["train/lr"]
     t.train_seconds = 60.0
     assert t.train_steps(1) == {}  # the budget is used: no step, and no rate below 0
