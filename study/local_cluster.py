@@ -33,7 +33,8 @@ from typing import Optional
 
 import psutil
 
-__all__ = ["LocalCluster", "ClusterError", "free_port", "node_ports", "ray_auth_headers"]
+__all__ = ["LocalCluster", "ClusterError", "free_port", "node_port_base", "node_ports",
+           "ray_auth_headers"]
 
 PG_USER = "gmwae"
 PASSWORD_ENV = "GMWAE_PG_PASSWORD"
@@ -49,15 +50,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def node_ports(index: int) -> list[str]:
+_NODE_SERVICES = ("node-manager", "object-manager", "metrics-export", "runtime-env-agent",
+                  "dashboard-agent-grpc", "dashboard-agent-listen")
+
+
+def node_port_base(index: int) -> int:
+    """The first port of node `index`'s block (0 for the head): 1,000 ports from
+    20,000 + 1,000 x index, below the kernel's ephemeral range (32768-60999), so no
+    outgoing connection on this host takes one. Its first ten are for the node's services
+    where they must be fixed ahead (`node_ports(fixed=True)`, the on-prem loopback's
+    head ports), the other 990 for its Ray workers."""
+    return 20000 + 1000 * index
+
+
+def node_ports(index: int, fixed: bool = False) -> list[str]:
     """`ray start` flags for every port a node binds, distinct per node: several raylets
-    share this host (index: the node's place in its cluster, 0 for the head)."""
-    low = 20000 + 1000 * index
-    return [f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-            f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-            f"--dashboard-agent-grpc-port={free_port()}",
-            f"--dashboard-agent-listen-port={free_port()}",
-            f"--min-worker-port={low}", f"--max-worker-port={low + 999}"]
+    share this host. `fixed`: the services' ports are the first of the node's block, for a
+    node started long after its command is written (a free port found then may be taken by
+    the time it starts); else free ports found now, for a node started at once."""
+    low = node_port_base(index)
+    ports = [low + j for j in range(len(_NODE_SERVICES))] if fixed else \
+        [free_port() for _ in _NODE_SERVICES]
+    return [f"--{name}-port={port}" for name, port in zip(_NODE_SERVICES, ports)] + [
+        f"--min-worker-port={low + 10}", f"--max-worker-port={low + 999}"]
 
 
 def _pg_bin(name: str) -> str:

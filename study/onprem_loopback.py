@@ -13,7 +13,8 @@ shipped on-premises file with the addresses, the login and the parts that differ
 every "machine" is this one replaced:
 
 - the nodes run this checkout's venv (nothing to copy or install: no file_mounts, no
-  setup), each `ray start` with its own ports and temp folder;
+  setup), each `ray start` with its own fixed ports (a block per node, from 20000) and
+  temp folder;
 - `ray` on the nodes' PATH is DIR/bin/ray, which passes everything to Ray except
   `ray stop`: Ray's stops every Ray process on the machine; this one stops the Ray of
   the node the SSH session reached (SSH_CONNECTION names it) and, on the head, of the
@@ -46,7 +47,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .local_cluster import ClusterError, free_port, node_ports
+from .local_cluster import ClusterError, node_port_base, node_ports
 
 __all__ = ["OnPremLoopback", "HEAD_IP", "SHIPPED_CONFIG"]
 
@@ -55,6 +56,11 @@ HEAD_IP = "127.0.0.2"
 _PATH_ENV = "GMWAE_LOOPBACK_PATH"
 _BASHRC_MARK = "# gmwae onprem loopback (study/onprem_loopback.py)"
 _BOOTSTRAP = ("ray_bootstrap_config.yaml", "ray_bootstrap_key.pem")
+# The head's own ports, after its node services in its block (local_cluster.node_port_base):
+# fixed, as every node's are here, because `ray up` starts the nodes long after `up` wrote
+# their commands, and a free port found at `up` could be taken by then (the worker's start
+# then fails for good: Ray's local provider does not retry it).
+_HEAD_PORTS = {"gcs": 6, "dashboard": 7, "ray-client-server": 8}
 
 
 def _worker_ips(workers: int) -> list[str]:
@@ -129,6 +135,9 @@ class OnPremLoopback:
                 raise ClusterError(f"{tool} is not installed; `ray up` of the local provider "
                                    f"needs an SSH server and rsync. Install them with "
                                    f"`apt-get install openssh-server rsync` (or `make sysdeps`).")
+        self._check_ports_free()
+        self.state.gcs_port = node_port_base(0) + _HEAD_PORTS["gcs"]
+        self.state.dashboard_port = node_port_base(0) + _HEAD_PORTS["dashboard"]
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "logs").mkdir(exist_ok=True)
         self.state.temp_root = tempfile.mkdtemp(prefix="gop-", dir="/tmp")
@@ -139,13 +148,43 @@ class OnPremLoopback:
             self._save_bootstrap()
             self._auth_token()
             self._bashrc(add=True)
-            self.state.gcs_port, self.state.dashboard_port = free_port(), free_port()
             self.config_path.write_text(self._cluster_yaml())
             self._save()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def node_port_flags(self, ip: str) -> list[str]:
+        """The `ray start` port flags of the node at `ip`: its block's fixed ports (the
+        head's GCS and dashboard ports are in its command besides)."""
+        flags = node_ports(self.ips.index(ip), fixed=True)
+        if ip == HEAD_IP:
+            flags.append(f"--ray-client-server-port="
+                         f"{node_port_base(0) + _HEAD_PORTS['ray-client-server']}")
+        return flags
+
+    def _check_ports_free(self) -> None:
+        """Every fixed port of every node free now, or a ClusterError naming it (checked
+        before anything starts: a node whose port is taken would never join)."""
+        head = [f"--{name}-port={node_port_base(0) + offset}" for name, offset in
+                _HEAD_PORTS.items() if name != "ray-client-server"]
+        for ip in self.ips:
+            for flag in self.node_port_flags(ip) + (head if ip == HEAD_IP else []):
+                name, value = flag[2:].split("=")
+                if name in ("min-worker-port", "max-worker-port"):
+                    continue
+                with socket.socket() as s:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    try:
+                        s.bind(("0.0.0.0", int(value)))
+                    except OSError:
+                        raise ClusterError(
+                            f"Port {value} ({name.removesuffix('-port')}, node {ip}) is in use "
+                            f"on this machine; the loopback cluster's nodes use fixed ports from "
+                            f"{node_port_base(0)} (a block of 1,000 per node). See what holds "
+                            f"it with `ss -ltnp 'sport = :{value}'`, stop it (or `down` an "
+                            f"earlier loopback cluster) and run `up` again.") from None
 
     def _keys(self) -> None:
         ssh = self.root / "ssh"
@@ -248,13 +287,14 @@ class OnPremLoopback:
             f"ulimit -n 65536; {ray} start --head --port={self.state.gcs_port} "
             f"--node-ip-address={HEAD_IP} --num-cpus=0 --num-gpus=0 "
             f"--dashboard-host=127.0.0.1 --dashboard-port={self.state.dashboard_port} "
-            f"--ray-client-server-port={free_port()} --temp-dir={self.node_temp_dir(HEAD_IP)} "
-            f"{' '.join(node_ports(0))} --autoscaling-config=~/ray_bootstrap_config.yaml"]
+            f"--temp-dir={self.node_temp_dir(HEAD_IP)} "
+            f"{' '.join(self.node_port_flags(HEAD_IP))} "
+            "--autoscaling-config=~/ray_bootstrap_config.yaml"]
         # the workers share one start command: each picks its node's flags by the address
         # the autoscaler's SSH session reached it on (SSH_CONNECTION's third field)
         cases = " ".join(
             f"{ip}) F='--node-ip-address={ip} --temp-dir={self.node_temp_dir(ip)} "
-            f"{' '.join(node_ports(i + 1))}';;" for i, ip in enumerate(workers))
+            f"{' '.join(self.node_port_flags(ip))}';;" for ip in workers)
         config["worker_start_ray_commands"] = [
             f"{self.bin_dir / 'ray'} stop",
             f'case "$(echo $SSH_CONNECTION | cut -d" " -f3)" in {cases} esac; '
@@ -269,14 +309,18 @@ class OnPremLoopback:
     # ------------------------------------------------------------------ down
     def node_processes(self, ip: Optional[str] = None) -> list:
         """This cluster's Ray processes (one node's, with `ip`): those started with the
-        node's temp folder, and everything under them (trial workers, job drivers)."""
+        node's temp folder, and everything under them (trial workers, job drivers); for the
+        whole cluster also those that name its GCS address and no folder (the head's Ray
+        client server, whose parent `ray start` has exited)."""
         import psutil
 
-        folders = [self.node_temp_dir(ip)] if ip else [self.state.temp_root]
+        marks = [f"{self.node_temp_dir(ip)}/"] if ip else [f"{self.state.temp_root}/"]
+        if ip is None and self.state.gcs_port:
+            marks.append(f"={HEAD_IP}:{self.state.gcs_port} ")
         found = {}
         for proc in psutil.process_iter(["cmdline"]):
-            cmd = " ".join(proc.info.get("cmdline") or [])
-            if any(f"{f}/" in cmd or cmd.endswith(f) for f in folders):
+            cmd = " ".join(proc.info.get("cmdline") or []) + " "
+            if any(m in cmd or cmd.endswith(m.rstrip("/") + " ") for m in marks):
                 try:
                     for p in [proc, *proc.children(recursive=True)]:
                         found[p.pid] = p

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ import optuna
 import pytest
 import yaml
 
-from study.local_cluster import ray_auth_headers
+from study.local_cluster import node_port_base, ray_auth_headers
 from study.onprem_loopback import HEAD_IP, SHIPPED_CONFIG, OnPremLoopback, _pid_alive
 from tests.conftest import LOCAL_CLUSTERS, ROOT
 
@@ -43,17 +44,32 @@ def alive_ips(dashboard: str) -> set[str]:
             if n.get("raylet", {}).get("state") == "ALIVE"}
 
 
-def wait_for_nodes(dashboard: str, ips: set[str], timeout: float = 120) -> None:
+def node_logs(cluster: OnPremLoopback, lines: int = 25) -> str:
+    """The last lines of the logs that say why a node did not join: the head's autoscaler
+    (it starts the workers over SSH) and each node's raylet and GCS."""
+    out = []
+    for path in sorted(Path(cluster.state.temp_root).glob("n*/session_latest/logs/*")):
+        if path.name.startswith(("monitor", "raylet", "gcs_server")) and path.is_file():
+            tail = path.read_text(errors="replace").splitlines()[-lines:]
+            out.append(f"--- {path}\n" + "\n".join(tail))
+    return "\n".join(out) or f"(no logs under {cluster.state.temp_root})"
+
+
+def wait_for_nodes(cluster: OnPremLoopback, ips: set[str], timeout: float = 180) -> None:
+    """Until exactly `ips` are alive (the worker joins ~15 s after `ray up` on an idle
+    machine; the other test worker's load slows it). A failed start is not retried by the
+    local provider, so the autoscaler's and the nodes' logs come with the failure."""
     deadline, seen = time.monotonic() + timeout, set()
     while time.monotonic() < deadline:
         try:
-            seen = alive_ips(dashboard)
+            seen = alive_ips(cluster.dashboard_url)
         except OSError:
             seen = set()
         if seen == ips:
             return
         time.sleep(1)
-    raise AssertionError(f"alive nodes {sorted(seen)} after {timeout:.0f} s, wanted {sorted(ips)}")
+    raise AssertionError(f"alive nodes {sorted(seen)} after {timeout:.0f} s, wanted "
+                         f"{sorted(ips)}\n{node_logs(cluster)}")
 
 
 @LOCAL_CLUSTERS
@@ -72,13 +88,18 @@ def test_ray_up_of_the_onprem_form_over_ssh_runs_a_study_on_its_worker_and_ray_d
         written = yaml.safe_load(config.read_text())
         assert written["provider"] == {"type": "local", "head_ip": HEAD_IP,
                                        "worker_ips": [WORKER]}
+        # every node's ports fixed when written (`ray up` starts the worker minutes later)
+        assert f"--node-manager-port={node_port_base(1)} " in \
+            written["worker_start_ray_commands"][-1]
+        assert node_port_base(0) <= cluster.state.gcs_port < node_port_base(1)
+        assert f"--port={cluster.state.gcs_port} " in written["head_start_ray_commands"][-1]
         shipped = yaml.safe_load(SHIPPED_CONFIG.read_text())
         assert written["idle_timeout_minutes"] == shipped["idle_timeout_minutes"]
 
         for attempt in ("first", "second"):  # a second `ray up` after `ray down` failed before
             done = run(str(BIN / "ray"), "up", "-y", str(config))
             assert done.returncode == 0, f"{attempt} ray up:\n{done.stdout[-4000:]}"
-            wait_for_nodes(cluster.dashboard_url, {HEAD_IP, WORKER})
+            wait_for_nodes(cluster, {HEAD_IP, WORKER})
             if attempt == "first":
                 submit = next(line.strip() for line in up.stdout.splitlines()
                               if line.strip().startswith("ray job submit"))
@@ -113,6 +134,23 @@ def test_ray_up_of_the_onprem_form_over_ssh_runs_a_study_on_its_worker_and_ray_d
     assert not (home / "ray_bootstrap_config.yaml").exists() or \
         "ray_bootstrap_config.yaml" in cluster.state.saved_bootstrap
     assert not Path(cluster.state.temp_root).exists() and not folder.exists()
+
+
+@LOCAL_CLUSTERS  # holds a port of the cluster above
+def test_up_refuses_a_taken_node_port_before_it_starts_anything(tmp_path):
+    """The nodes' ports are fixed when `up` writes their commands (a worker started later
+    by the autoscaler, on a port found free at `up`, failed for good when something had
+    taken it meanwhile): `up` checks them first and names the one in use."""
+    folder = tmp_path / "onprem"
+    port = node_port_base(1)  # the worker's raylet
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", port))
+        held.listen()
+        up = loopback("up", "--dir", str(folder))
+    assert up.returncode == 2
+    assert f"Port {port} (node-manager, node {WORKER}) is in use" in up.stderr
+    assert f"ss -ltnp 'sport = :{port}'" in up.stderr
+    assert not folder.exists()  # no keys, no sshd, no cluster.yaml
 
 
 def test_the_shipped_onprem_file_passes_rays_checks_and_starts_the_v1_autoscaler():
