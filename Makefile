@@ -44,10 +44,10 @@ study: venv
 demo: venv
 	$(VENV)/bin/gmwae train --family gmwae --preset cpu --dataset digits --epochs 30 --out runs/demo-digits-gmwae
 
-# Two pytest-xdist workers (TEST_WORKERS=0: one process, in file order); the groups in
-# tests/conftest.py keep the smoke study's tests on one worker and the clusters one at a time.
+# Two pytest-xdist workers, a file's tests on one (TEST_WORKERS=0: one process, in file order);
+# tests/conftest.py runs the multi-node clusters one at a time.
 TEST_WORKERS ?= 2
-PYTEST := PYTHONFAULTHANDLER=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+PYTEST := PYTHONFAULTHANDLER=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test: venv sysdeps
 	$(PYTEST) --durations=30

@@ -1,3 +1,5 @@
+import contextlib
+import fcntl
 import os
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -18,59 +20,66 @@ def gmwae(*args, cwd, timeout=900):
                           timeout=timeout)
 
 
-# `make test` runs the suite on two pytest-xdist workers (`--dist loadgroup`). A group's
-# tests run on one worker, in file order, so the session's smoke study is built once and its
-# stores see the tests in the order a serial run gives them; the multi-node clusters run one
-# at a time, so two never share the two cores; and a module's tests that share a
-# module-scoped fixture (a trained run, a study, a Ray instance) stay together, so it is
-# built once: dealt out one by one, they met other modules' tests on both workers, and
-# pytest tore the fixture down and built it again each time (CI: the smoke run of
-# test_cli_train twice, 95 s each).
-SMOKE_STUDY_GROUP = "smoke_study"
-LOCAL_CLUSTERS = pytest.mark.xdist_group("local_clusters")
-"""For a test that starts a Ray cluster of processes (`ray start`, `ray up`, the autoscaler)."""
+# `make test` runs the suite on two pytest-xdist workers, a test file's tests on one worker
+# (`--dist loadfile`), so a module-scoped fixture (a trained run, a study, a cluster) is
+# built once. Each worker builds its own smoke study (below) when one of its tests needs it.
+# Tests that start a multi-node Ray cluster of processes run one at a time, so two clusters
+# never share the two cores: each holds a lock file shared by the run's workers, for its
+# module when the module is marked, else for the test. (pytest-xdist's `xdist_group` cannot
+# do it: with pytest 9.2 its groups silently do not take, pytest-dev/pytest-xdist#1386, and
+# with pytest 9.1 a grouped test's changed node id hid a conftest fixture from it.)
+LOCAL_CLUSTERS = pytest.mark.local_clusters
+"""For a test (or, as `pytestmark`, a module) that starts a Ray cluster of processes (`ray
+start`, `ray up`, the autoscaler)."""
 
 
-def _uses_a_module_fixture(item) -> bool:
-    info = getattr(item, "_fixtureinfo", None)
-    return info is not None and any(
-        defs and defs[-1].scope == "module" for defs in info.name2fixturedefs.values())
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups from the marks
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if "smoke_study" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group(SMOKE_STUDY_GROUP))
-        elif item.get_closest_marker("xdist_group") is None and _uses_a_module_fixture(item):
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
-
-
-_GROUP_LOST = pytest.StashKey[str]()
-
-
-@pytest.hookimpl(trylast=True)  # after xdist's hook has (or has not) applied the groups
-def pytest_collection_finish(session):
-    """On an xdist worker with `--dist loadgroup`, every grouped test's node id must carry
-    its group, which is how xdist's scheduler sees it; pytest 9.2 dropped that silently
-    (pytest-dev/pytest-xdist#1386) and the groups were dealt out test by test. Each such
-    test then fails with the reason (an error raised here would only crash the worker)."""
-    if not getattr(session.config.option, "loadgroup", False):
+@contextlib.contextmanager
+def _cluster_lock(tmp_path_factory, needed: bool):
+    if not needed or "PYTEST_XDIST_WORKER" not in os.environ:
+        yield
         return
-    for item in session.items:
-        if item.get_closest_marker("xdist_group") and "@" not in item.nodeid:
-            item.stash[_GROUP_LOST] = (
-                f"pytest-xdist's --dist loadgroup did not take effect with pytest "
-                f"{pytest.__version__}: this grouped test lost its group, so the clusters "
-                f"could overlap and shared studies be built twice. Install the test extra's "
-                f"pytest (`pip install -e '.[test]'`: pytest<9.2), or run the tests in one "
-                f"process (`make test TEST_WORKERS=0`).")
+    lock = tmp_path_factory.getbasetemp().parent / "local_clusters.lock"  # the run's, shared
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_runtest_setup(item):
-    if _GROUP_LOST in item.stash:
-        pytest.fail(item.stash[_GROUP_LOST], pytrace=False)
+def _marks(node) -> bool:
+    return any(m.name == "local_clusters" for m in node.own_markers)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_cluster_module_at_a_time(request, tmp_path_factory):
+    with _cluster_lock(tmp_path_factory, _marks(request.node)):  # before the module's fixtures
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _one_cluster_test_at_a_time(request, tmp_path_factory):
+    module = request.node.getparent(pytest.Module)
+    with _cluster_lock(tmp_path_factory, _marks(request.node) and not _marks(module)):
+        yield
+
+
+@pytest.fixture(scope="session")
+def smoke_study(tmp_path_factory):
+    """A finished smoke study (3 trials per family) and a 2-seed confirmation of it, in real
+    stores (local Ray, Optuna sqlite, MLflow sqlite); yields (spec file, its folder)."""
+    folder = tmp_path_factory.mktemp("smoke-study")
+    text = (ROOT / "studies/smoke.yaml").read_text()
+    text = text.replace("sqlite:///runs/{name}", f"sqlite:///{folder}").replace(
+        "ray: runs/{name}/ray", f"ray: {folder}/ray")
+    spec = folder / "smoke.yaml"
+    spec.write_text(text)
+    done = gmwae("study", "run", spec, "--quiet", cwd=folder)
+    assert done.returncode == 0, done.stderr[-4000:]
+    confirmed = gmwae("study", "confirm", spec, "--seeds", "2", "--out", folder / "confirm",
+                      "--quiet", cwd=folder)
+    assert confirmed.returncode == 0, confirmed.stderr[-4000:]
+    return spec, folder
 
 
 # The suite runs Ray, Tune, gRPC, PyTorch and Playwright in this one process. CI's run of
