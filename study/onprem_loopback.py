@@ -135,9 +135,9 @@ class OnPremLoopback:
                 raise ClusterError(f"{tool} is not installed; `ray up` of the local provider "
                                    f"needs an SSH server and rsync. Install them with "
                                    f"`apt-get install openssh-server rsync` (or `make sysdeps`).")
-        self._check_ports_free()
         self.state.gcs_port = node_port_base(0) + _HEAD_PORTS["gcs"]
         self.state.dashboard_port = node_port_base(0) + _HEAD_PORTS["dashboard"]
+        self._check_ports_free()
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "logs").mkdir(exist_ok=True)
         self.state.temp_root = tempfile.mkdtemp(prefix="gop-", dir="/tmp")
@@ -167,24 +167,25 @@ class OnPremLoopback:
     def _check_ports_free(self) -> None:
         """Every fixed port of every node free now, or a ClusterError naming it (checked
         before anything starts: a node whose port is taken would never join)."""
-        head = [f"--{name}-port={node_port_base(0) + offset}" for name, offset in
-                _HEAD_PORTS.items() if name != "ray-client-server"]
+        ports = [(HEAD_IP, "gcs", self.state.gcs_port),
+                 (HEAD_IP, "dashboard", self.state.dashboard_port)]
         for ip in self.ips:
-            for flag in self.node_port_flags(ip) + (head if ip == HEAD_IP else []):
+            for flag in self.node_port_flags(ip):
                 name, value = flag[2:].split("=")
-                if name in ("min-worker-port", "max-worker-port"):
-                    continue
-                with socket.socket() as s:
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    try:
-                        s.bind(("0.0.0.0", int(value)))
-                    except OSError:
-                        raise ClusterError(
-                            f"Port {value} ({name.removesuffix('-port')}, node {ip}) is in use "
-                            f"on this machine; the loopback cluster's nodes use fixed ports from "
-                            f"{node_port_base(0)} (a block of 1,000 per node). See what holds "
-                            f"it with `ss -ltnp 'sport = :{value}'`, stop it (or `down` an "
-                            f"earlier loopback cluster) and run `up` again.") from None
+                if not name.endswith("worker-port"):  # a range Ray's workers take from
+                    ports.append((ip, name.removesuffix("-port"), int(value)))
+        for ip, name, port in ports:
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind(("0.0.0.0", port))
+                except OSError:
+                    raise ClusterError(
+                        f"Port {port} ({name}, node {ip}) is in use on this machine; the "
+                        f"loopback cluster's nodes use fixed ports from {node_port_base(0)} "
+                        f"(a block of 1,000 per node). See what holds it with "
+                        f"`ss -ltnp 'sport = :{port}'`, stop it (or `down` an earlier "
+                        f"loopback cluster) and run `up` again.") from None
 
     def _keys(self) -> None:
         ssh = self.root / "ssh"
