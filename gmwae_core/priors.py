@@ -12,6 +12,7 @@ which gives the paper's dist = 4 * sigma0 at prior_overlap = 2 * Phi(-2) (about 
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -75,6 +76,14 @@ def prior_means(K: int, d: int, seed: int = 0) -> torch.Tensor:
         return torch.eye(K, d, dtype=torch.float64)
     if K == d + 1:
         return _simplex(K)
+    return _cached_placement(K, d, seed).clone()
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_placement(K: int, d: int, seed: int) -> torch.Tensor:
+    """_max_min_placement, computed once per process: its 3,000 steps take about 1.4 s (K=10,
+    d=4, the cpu preset), which every Trainer built in a process (each evaluation, export
+    and trial of a study) paid again. Callers get a clone (prior_means)."""
     return _max_min_placement(K, d, seed)
 
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from gmwae_core import ConfigError, ModelConfig, PAPER_PRIOR_OVERLAP
-from gmwae_core.priors import MixturePrior, overlap_from_sigma0, sigma0_from_overlap
+from gmwae_core.priors import (MixturePrior, _max_min_placement, overlap_from_sigma0, prior_means,
+                               sigma0_from_overlap)
 
 
 def pairwise(means: torch.Tensor) -> torch.Tensor:
@@ -48,6 +49,14 @@ def test_max_min_placement_is_deterministic_per_seed_and_spreads_a_line():
     a = MixturePrior.build(12, 3, 0.05, seed=3)
     b = MixturePrior.build(12, 3, 0.05, seed=3)
     assert torch.equal(a.means, b.means)
+    # the per-process cache gives what the placement itself gives, and a copy each time
+    fresh = _max_min_placement(12, 3, 3)
+    assert torch.equal(fresh, _max_min_placement(12, 3, 3))
+    assert torch.equal(a.means, fresh.float())
+    assert not torch.equal(a.means, MixturePrior.build(12, 3, 0.05, seed=4).means)
+    mine = prior_means(12, 3, 3)
+    mine.zero_()
+    assert torch.equal(prior_means(12, 3, 3), fresh)
     line = MixturePrior.build(3, 1, 0.05)
     assert sorted(line.means.flatten().tolist()) == pytest.approx([-1, 0, 1], abs=0.02)
 
