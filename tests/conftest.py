@@ -4,6 +4,15 @@ import os
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+# Each pytest-xdist worker, and every process it starts (`gmwae train`, the benchmarks'
+# smoke modes), gets its share of the cores for PyTorch's threads: by default each would
+# start one thread per core, and two workers' OpenMP threads spinning on the same two cores
+# slow both. (Ray's trial workers already take 1 thread per CPU of the trial.) A value set
+# by the caller stands.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+
 import subprocess
 import sys
 from pathlib import Path
