@@ -26,7 +26,9 @@ def trainer(family="gmwae", **extra):
 
 
 def test_pretraining_puts_every_q_z_on_its_prior_mode():
-    t = trainer(pretrain_steps=1000, pretrain_batch=128)
+    # 2,000 steps: the cpu preset's prior (overlap 1%, sigma0^2 = 0.045) takes about that
+    # long to shrink q(z|k,x)'s variance to it (1,000 steps: 0.083; 3,000: 0.042)
+    t = trainer(pretrain_steps=2000, pretrain_batch=128)
     first = t.model.q_z(t.splits.train_x[:512])
     before = moment_matching_loss(t.model.sample_z(*first, 4), t.prior.means, t.prior.sigma0 ** 2).detach()
     t.pretrain()
@@ -298,10 +300,11 @@ def test_bad_option_values_name_the_key_the_rule_and_the_fix(key, value, rule):
 @pytest.mark.parametrize("options, gain", [({}, 0.1),
                                            ({"consistency_weight": 1.0, "balance_weight": 1.0}, 0.4)])
 def test_a_short_gmwae_run_learns_the_clusters_of_the_synthetic_set(options, gain):
-    """100 steps from the same start: the paper's GM-WAE rises (0.43 -> 0.59 measured), and
-    with augmentation consistency and balance it separates the ten classes (1.0)."""
+    """100 steps from the same start: the paper's GM-WAE rises (0.385 -> 0.75 measured), and
+    with augmentation consistency and balance it separates the ten classes (1.0). Seed 1:
+    seed 0's start at the cpu preset (d = 3) is already at 0.71, leaving no room to learn."""
     t = trainer(decoder_width=16, batch_size=64, pretrain_steps=100, pretrain_batch=256,
-                history_every=50, **options)
+                history_every=50, seed=1, **options)
     at_start = t.evaluate("val").metrics["val/cluster_acc"]
     t.train_steps(100)
     after = t.evaluate("val").metrics["val/cluster_acc"]
