@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import yaml
 
@@ -134,6 +134,45 @@ class SearchSpace:
                 return None
             point[p.name] = int(value) if p.type == "int" else value
         return point
+
+    def start_points(self, family: str, points: Sequence[dict] = (),
+                     where: str = "points") -> list[dict[str, Any]]:
+        """What the family's search runs first, in order (Optuna's enqueued trials): the
+        paper point where the space allows it, then each of `points` (a study spec's
+        `points:`) with the paper point's value of every key it leaves out; a key that
+        neither gives is sampled."""
+        paper = self.paper_point(family)
+        return ([paper] if paper else []) + [
+            {**(paper or {}), **self.point(family, values, f"{where}.{family}[{i}]")}
+            for i, values in enumerate(points)]
+
+    def point(self, family: str, values: Any, where: str) -> dict[str, Any]:
+        """`values` (config keys, bare or dotted, to values) checked against the family's
+        parameters and keyed by their names, as the search suggests them."""
+        if not isinstance(values, dict) or not values:
+            _fail(where, "point", "must be a non-empty mapping of searched keys to values",
+                  values, "Write e.g. {consistency_weight: 4.0, balance_weight: 1.0}.")
+        params = {canonical_key(p.name): p for p in self.of(family)}
+        out: dict[str, Any] = {}
+        for key, value in values.items():
+            try:
+                p = params.get(canonical_key(str(key)))
+            except ConfigError as e:
+                raise SpaceError(f"{where}: {e}") from None
+            if p is None:
+                _fail(where, key, f"is not searched for {family} (searched: "
+                      f"{', '.join(q.name for q in self.of(family)) or 'nothing'})", value,
+                      "Give only searched keys; a value for every trial goes in `fixed:`.")
+            value = _number(value)
+            if p.type == "int" and isinstance(value, float) and value.is_integer():
+                value = int(value)
+            numeric_ok = p.type == "categorical" or (
+                not isinstance(value, bool) and (p.type == "float" or isinstance(value, int)))
+            if not (numeric_ok and p.allows(value)):
+                _fail(where, key, f"must be a value the space allows for {family} "
+                      f"({p.describe()})", value, "Give one inside the range, or widen the space.")
+            out[p.name] = float(value) if p.type == "float" else value
+        return out
 
     @staticmethod
     def _paper_value(p: Param) -> Any:

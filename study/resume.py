@@ -70,8 +70,9 @@ def spec_for_resume(spec: StudySpec, recorded: Optional[dict],
         raise SpecError(f"No study {spec.name!r} to resume in {mask_url(spec.store('optuna'))}. "
                         f"Start it with `gmwae study run SPEC`, or pass the spec file it ran "
                         f"with (its stores say where it is).")
-    # a study recorded before `metric` and `mode` existed optimised val/cluster_acc, max
-    recorded = {"metric": DEFAULT_METRIC, "mode": "max", **recorded}
+    # a study recorded before `metric` and `mode` existed optimised val/cluster_acc, max;
+    # one recorded before `points` existed had none
+    recorded = {"metric": DEFAULT_METRIC, "mode": "max", "points": {}, **recorded}
     given = spec.to_dict()
     changed = [k for k in given if compare and k not in RESUMABLE_CHANGES and k != "name"
                and comparable(given[k]) != comparable(recorded.get(k))]

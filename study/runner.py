@@ -4,7 +4,7 @@
     summary = run_study(spec)           # {family: best trial row}
 
 Each family gets its own Optuna study ("{name}/{family}") and the same trial budget, so
-the comparison is fair; the paper's point is enqueued first. Stores are checked before
+the comparison is fair; the paper's point is enqueued first, then the spec's `points`. Stores are checked before
 any trial starts.
 """
 from __future__ import annotations
@@ -127,7 +127,7 @@ def run_study(spec: StudySpec, address: Optional[str] = None, verbose: int = 1,
     tracker = open_tracker(spec)
     tracker.log_spec(spec.to_dict(), mask=mask_url)
     space = spec.search_space
-    paper = {family: space.paper_point(family) for family in spec.families}
+    starts = {family: spec.start_points(family) for family in spec.families}
     tracker.log_views(spec.families, sorted({p.name for p in space.params}),
                       objective.metric, objective.mode)
     dataset = describe_splits(spec.run_config(spec.families[0], {}).data)
@@ -156,8 +156,8 @@ def run_study(spec: StudySpec, address: Optional[str] = None, verbose: int = 1,
                 study_name=plan.study_name,
                 # a resumed sampler must not replay the first run's random draws
                 seed=spec.seed + plan.finished + len(plan.retry),
-                points_to_evaluate=(None if plan.exists or not paper[family]
-                                    else [paper[family]]),
+                points_to_evaluate=(None if plan.exists or not starts[family]
+                                    else starts[family]),
                 retry=plan.retry,
                 pruned_below=spec.max_iterations if spec.scheduler.type == "asha" else None),
             "scheduler": (ASHAScheduler(time_attr=ITERATION, max_t=spec.max_iterations,

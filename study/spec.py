@@ -10,6 +10,8 @@
     metric: val/cluster_acc   # what the search optimises: any val/ metric (val/ami when K is searched)
     mode: max                 # max or min; default: the metric's own direction
     trials: 6                 # per family: the same budget for both
+    points:                   # run first, after the paper point; other keys: the paper point's
+      gmwae: [{consistency_weight: 4.0, balance_weight: 1.0}]
     max_iterations: 3         # reports per trial
     steps_per_iteration: 400  # null: one epoch
     scheduler: {type: asha, grace_period: 1, reduction_factor: 2}   # or {type: none}
@@ -116,6 +118,11 @@ class StudySpec:
     mode: Optional[str] = None
     """max or min; None: the metric's own direction."""
     trials: int = 6
+    points: dict = field(default_factory=dict)
+    """Per family, points the search runs first, in order, after the paper point (Optuna's
+    enqueued trials), each with the paper point's value of every searched key it leaves
+    out: {gmwae: [{consistency_weight: 4.0, balance_weight: 1.0}]}. They count in `trials`
+    (with fewer trials, the first ones run); a resumed study enqueues none."""
     max_iterations: int = 3
     steps_per_iteration: Optional[int] = None
     scheduler: Scheduler = field(default_factory=Scheduler)
@@ -163,6 +170,14 @@ class StudySpec:
             _fail("preset", f"must be one of {list(PRESETS)}", self.preset, "Use cpu or paper.")
         if self.trials < 1:
             _fail("trials", "must be at least 1 (trials per family)", self.trials, "Use 6.")
+        for family in self.points:
+            if family not in self.families:
+                _fail(f"points.{family}", f"must name a family the study searches "
+                      f"({list(self.families)})", self.points[family],
+                      f"Remove it, or add {family} to `families`.")
+        for family in self.families:  # each point must make a valid run config, before any trial
+            for start in self.search_space.start_points(family, self.points.get(family, ())):
+                self.run_config(family, start)
         if self.max_iterations < 1:
             _fail("max_iterations", "must be at least 1", self.max_iterations, "Use 3.")
         if self.steps_per_iteration is not None and self.steps_per_iteration < 1:
@@ -198,6 +213,11 @@ class StudySpec:
             return load_space(self.space)
         except SpaceError as e:
             raise SpecError(str(e)) from None
+
+    def start_points(self, family: str) -> list[dict[str, Any]]:
+        """What the family's search runs first: the paper point, then `points` (completed),
+        as many as `trials` allows (`--trials 1` runs the paper point alone)."""
+        return self.search_space.start_points(family, self.points.get(family, ()))[:self.trials]
 
     def searched_keys(self) -> set[str]:
         """The config keys (bare names: K, lr) the space searches for any of the families."""
@@ -281,6 +301,8 @@ def _spec_from_dict(d: Any, source: str) -> StudySpec:
             if not isinstance(value, dict):
                 raise SpecError(f"`fixed` must be a mapping of config keys, but got {value!r}.")
             kwargs[key] = dict(value)
+        elif key == "points":
+            kwargs[key] = _points(value)
         elif key == "space":
             if not isinstance(value, (str, dict)):
                 raise SpecError(f"`space` must name a search space or be a mapping of "
@@ -289,6 +311,24 @@ def _spec_from_dict(d: Any, source: str) -> StudySpec:
         else:
             kwargs[key] = coerce_field(StudySpec, key, value, "")
     return StudySpec(**kwargs)
+
+
+def _points(value: Any) -> dict[str, tuple[dict, ...]]:
+    """`points:` as parsed: family -> its points (one mapping alone is a list of one)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise SpecError(f"`points` must map families to lists of points, but got {value!r}. "
+                        f"Write e.g. points: {{gmwae: [{{consistency_weight: 4.0}}]}}.")
+    out = {}
+    for family, points in value.items():
+        if isinstance(points, dict):
+            points = [points]
+        if not isinstance(points, (list, tuple)) or not all(isinstance(p, dict) for p in points):
+            raise SpecError(f"`points.{family}` must be a list of mappings (searched key: "
+                            f"value), but got {points!r}. Write e.g. [{{consistency_weight: 4.0}}].")
+        out[str(family)] = tuple(dict(p) for p in points)
+    return out
 
 
 def apply_sets(d: dict, sets: Sequence[str]) -> dict:

@@ -38,6 +38,26 @@ def test_shipped_specs_are_valid():
     ({"name": "s", "space": {"model.K": {"type": "int", "low": 8, "high": 12}}, "fixed": {"K": 10}},
      r"`fixed.K` is also searched"),
     ({"trials": 2}, r"lacks `name`"),
+    ({"name": "s", "points": [{"K": 12}]}, r"`points` must map families to lists of points"),
+    ({"name": "s", "points": {"gmwae": 12}}, r"`points.gmwae` must be a list of mappings"),
+    ({"name": "s", "families": ["gmwae"], "points": {"gmvae": [{"K": 12}]}},
+     r"`points.gmvae` must name a family the study searches \(\['gmwae'\]\).*Remove it, or "
+     r"add gmvae to `families`"),
+    ({"name": "s", "points": {"gmwae": [{}]}}, r"points.gmwae\[0\]: `point` must be a non-empty"),
+    ({"name": "s", "space": "default", "points": {"gmwae": [{"K": 12}, {"consistency_weight": 4}]}},
+     r"points.gmwae\[1\]: `consistency_weight` is not searched for gmwae \(searched: lambda_mmd, "
+     r".*\), but got 4\. Give only searched keys; a value for every trial goes in `fixed:`"),
+    ({"name": "s", "points": {"gmvae": [{"lambda_mmd": 5}]}},
+     r"points.gmvae\[0\]: `lambda_mmd` is not searched for gmvae"),
+    ({"name": "s", "space": "default", "points": {"gmwae": [{"K": 40}]}},
+     r"points.gmwae\[0\]: `K` must be a value the space allows for gmwae \(K: int 8..16\), but "
+     r"got 40\. Give one inside the range"),
+    ({"name": "s", "space": "default", "points": {"gmwae": [{"K": 10.5}]}}, r"`K` must be a value"),
+    ({"name": "s", "space": "default", "points": {"gmwae": [{"batch_size": 48}]}},
+     r"`batch_size` must be a value the space allows for gmwae \(batch_size: one of \[32, 64, 128\]\)"),
+    ({"name": "s", "space": "quickstart", "points": {"gmwae": [{"consistency_weight": 50}]}},
+     r"`consistency_weight` must be a value the space allows for gmwae \(consistency_weight: "
+     r"float 0..8\), but got 50"),
 ])
 def test_bad_specs_name_the_key_and_the_fix(d, pattern):
     with pytest.raises(SpecError, match=pattern):
@@ -129,3 +149,34 @@ def test_status_of_an_unknown_study_is_a_clear_error(tmp_path):
 def test_scheduler_none_is_a_value_not_a_null():
     assert spec_from_dict({"name": "s", "scheduler": {"type": "none"}}).scheduler.type == "none"
     assert spec_from_dict({"name": "s", "scheduler": "none"}).scheduler.type == "none"
+
+
+def test_points_run_after_the_paper_point_completed_with_its_values():
+    spec = spec_from_dict({"name": "s", "space": "quickstart", "trials": 3, "points": {
+        "gmwae": [{"consistency_weight": 4, "train.balance_weight": 1}, {"model.K": 12.0}],
+        "gmvae": {"consistency_weight": 50, "balance_weight": 50}}})
+    paper = spec.search_space.paper_point("gmwae")
+    assert spec.start_points("gmwae") == [
+        paper, {**paper, "consistency_weight": 4.0, "balance_weight": 1.0}, {**paper, "K": 12}]
+    assert isinstance(spec.start_points("gmwae")[2]["K"], int)  # Optuna's int parameter
+    gmvae = spec.start_points("gmvae")
+    assert len(gmvae) == 2 and gmvae[1]["consistency_weight"] == 50.0 and "lambda_mmd" not in gmvae[1]
+    # fewer trials than points: the first ones run, the rest are left out, not an error
+    short = spec_from_dict({**spec.to_dict(), "trials": 2})
+    assert short.start_points("gmwae") == spec.start_points("gmwae")[:2]
+    # a space with no paper point: the points alone, their other keys sampled
+    narrow = spec_from_dict({"name": "s", "space": {"K": {"type": "int", "low": 12, "high": 20},
+                                                    "lr": {"type": "float", "low": 1e-4, "high": 1e-2}},
+                             "points": {"gmwae": [{"K": 14}]}})
+    assert narrow.start_points("gmwae") == [{"K": 14}]
+
+
+def test_a_study_recorded_before_points_existed_still_resumes():
+    from study.resume import spec_for_resume
+
+    spec = load_spec(ROOT / "studies/smoke.yaml")
+    recorded = {k: v for k, v in spec.to_dict().items() if k != "points"}
+    assert spec_for_resume(spec, recorded).points == {}
+    pointed = spec_from_dict({**spec.to_dict(), "points": {"gmwae": [{"K": 12}]}})
+    with pytest.raises(SpecError, match=r"spec changed in points: recorded \{\}, now"):
+        spec_for_resume(pointed, recorded)

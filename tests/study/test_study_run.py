@@ -49,13 +49,21 @@ def test_a_diverging_trial_is_marked_failed_and_the_study_goes_on(tmp_path, ray_
     import tests.study.faulty as faulty
 
     cloudpickle.register_pickle_by_value(faulty)  # Ray workers need not import the tests
-    spec = load_spec(ROOT / "studies/smoke.yaml", stores(tmp_path, "nan-study"))
+    spec = load_spec(ROOT / "studies/smoke.yaml", {
+        **stores(tmp_path, "nan-study"), "points": {"gmwae": [{"K": 12, "lambda_mmd": 50.0}],
+                                                    "gmvae": [{"latent_dim": 4}]}})
     summary = run_study(spec, verbose=0, trainable=faulty.diverge_on_paper_point)
 
     wae = trials_of(tmp_path, "nan-study/gmwae")
     assert [t.state.name for t in wae].count("FAIL") == 1
     assert sum(t.state.name in SCORED_STATES for t in wae) == spec.trials - 1
     assert wae[0].state.name == "FAIL" and wae[0].params["K"] == 10  # the paper point, enqueued first
+    # then the spec's point: the paper point's values but for the two keys it gives
+    paper = spec.search_space.paper_point("gmwae")
+    assert wae[1].params == {**paper, "K": 12, "lambda_mmd": 50.0}
+    vae = trials_of(tmp_path, "nan-study/gmvae")
+    assert vae[1].params == {**spec.search_space.paper_point("gmvae"), "latent_dim": 4}
+    assert wae[2].params != wae[1].params and wae[2].params != paper  # the searcher's own
     assert all(t.state.name in SCORED_STATES for t in trials_of(tmp_path, "nan-study/gmvae"))
     assert summary["gmwae"]["failed"] == 1 and summary["gmvae"]["failed"] == 0
 
