@@ -18,7 +18,8 @@ of times GM-WAE's loss):
 
 The paper point, enqueued first, is the paper's value of each searched key (K 10, d 10,
 overlap 2*Phi(-2), lambda 10, or the parameter's `paper:`); a key without one is sampled; a
-paper value outside its range means no paper point.
+paper value outside its range means no paper point. A study spec's `points:` come next
+(start_points), each completed with the paper point's values.
 No computation happens in a suggest (OptunaSearch's rule for define-by-run spaces).
 """
 from __future__ import annotations
