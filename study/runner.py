@@ -158,7 +158,7 @@ def run_study(spec: StudySpec, address: Optional[str] = None, verbose: int = 1,
                 seed=spec.seed + plan.finished + len(plan.retry),
                 points_to_evaluate=(None if plan.exists or not starts[family]
                                     else starts[family]),
-                retry=plan.retry,
+                retry=plan.retry, origins=spec.start_origins(family),
                 pruned_below=spec.max_iterations if spec.scheduler.type == "asha" else None),
             "scheduler": (ASHAScheduler(time_attr=ITERATION, max_t=spec.max_iterations,
                                         grace_period=spec.scheduler.grace_period,

@@ -26,13 +26,16 @@ from ray.tune.search.optuna import OptunaSearch
 from .trial_states import FINISHED_STATES
 
 __all__ = ["StudySearch", "TrialLedger", "FamilyPlan", "plan_family", "OPTUNA_TRIAL", "ITERATION",
-           "RESUME_FROM", "private_keys_removed", "stale_runs_closed"]
+           "RESUME_FROM", "ORIGIN", "private_keys_removed", "stale_runs_closed"]
 
 OPTUNA_TRIAL = "_optuna_trial"
 ITERATION = "iteration"
 """The trial's own iteration count, reported by the trainable: it goes on across retries
 and resumes, unlike Tune's training_iteration (ASHA's rungs and Optuna's steps use it)."""
 RESUME_FROM = "_resume_from"
+ORIGIN = "_origin"
+"""Where a trial's values came from: "paper point", "points[i]" (the spec's), or "sampled";
+an Optuna user attribute and an MLflow tag of the trial (`origin`)."""
 
 
 def private_keys_removed(config: dict[str, Any]) -> dict[str, Any]:
@@ -77,10 +80,13 @@ class StudySearch(OptunaSearch):
     Tune trials to Optuna trials a killed driver left RUNNING."""
 
     def __init__(self, *args, retry: tuple[int, ...] = (), pruned_below: Optional[int] = None,
-                 **kwargs):
+                 origins: tuple[str, ...] = (), **kwargs):
         """`pruned_below`: with ASHA, the iteration budget. A trial that ends without error
-        before it was stopped by the scheduler: it becomes a PRUNED Optuna trial."""
+        before it was stopped by the scheduler: it becomes a PRUNED Optuna trial.
+        `origins`: what each of `points_to_evaluate` is ("paper point", "points[0]"), in
+        order; a new study's enqueued trials are its first, numbered in that order."""
         super().__init__(*args, **kwargs)
+        self._origins = tuple(origins)
         self._retry = list(retry)
         self._pruned_below = pruned_below
         self._reported: dict[str, int] = {}  # trial id -> the last iteration told to Optuna
@@ -96,7 +102,19 @@ class StudySearch(OptunaSearch):
             return config
         ot_trial = self._ot_trials[trial_id]
         ot_trial.set_user_attr("tune_trial_id", trial_id)
-        return {**config, OPTUNA_TRIAL: ot_trial.number, **extra}
+        origin = self._origin(ot_trial)
+        return {**config, OPTUNA_TRIAL: ot_trial.number, ORIGIN: origin, **extra}
+
+    def _origin(self, ot_trial) -> str:
+        """The trial's origin, recorded on it once (a retried trial keeps its own)."""
+        storage = self._ot_study._storage
+        origin = storage.get_trial(ot_trial._trial_id).user_attrs.get("origin")
+        if origin is None:
+            enqueued = "fixed_params" in storage.get_trial_system_attrs(ot_trial._trial_id)
+            origin = ("sampled" if not enqueued else self._origins[ot_trial.number]
+                      if ot_trial.number < len(self._origins) else "enqueued")
+            ot_trial.set_user_attr("origin", origin)
+        return origin
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         """Intermediate values at the trial's own iteration: a trial retried after a lost

@@ -219,6 +219,12 @@ class StudySpec:
         as many as `trials` allows (`--trials 1` runs the paper point alone)."""
         return self.search_space.start_points(family, self.points.get(family, ()))[:self.trials]
 
+    def start_origins(self, family: str) -> tuple[str, ...]:
+        """What each of start_points is: "paper point", then "points[i]"."""
+        paper = ("paper point",) if self.search_space.paper_point(family) else ()
+        given = tuple(f"points[{i}]" for i in range(len(self.points.get(family, ()))))
+        return (paper + given)[:self.trials]
+
     def searched_keys(self) -> set[str]:
         """The config keys (bare names: K, lr) the space searches for any of the families."""
         return {key.split(".")[-1] for family in self.families

@@ -20,6 +20,8 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from ray import tune
 
+from .search import OPTUNA_TRIAL, ORIGIN
+
 __all__ = ["StudyTracker", "TrialLogger", "git_sha", "VAL_ACC", "VAL_MMD", "VAL_ACTIVE",
            "compare_views", "runs_view_url", "TRIALS_VIEW"]
 
@@ -44,11 +46,12 @@ TRIALS_VIEW = "trials"
 def compare_views(families: tuple[str, ...], params: list[str], metric: str = VAL_ACC,
                   mode: str = "max") -> dict[str, dict[str, Any]]:
     """The runs views a study saves in its experiment: every trial (`trials`) and each
-    family's (`trials-gmwae`, ...), best `metric` first, with the family, the metric, the
-    compared metrics and the searched `params` as columns, and the charts limited to val/."""
+    family's (`trials-gmwae`, ...), best `metric` first, with the family, the trial's origin
+    (paper point, points[i], sampled), the metric, the compared metrics and the searched
+    `params` as columns, and the charts limited to val/."""
     metrics = [metric, *(m for m in COMPARED_COLUMNS if m != metric)]
     base = {"orderByKey": f"metrics.`{metric}`", "orderByAsc": mode == "min",
-            "selectedColumns": ["tags.`family`", *(f"metrics.`{m}`" for m in metrics),
+            "selectedColumns": ["tags.`family`", "tags.`origin`", *(f"metrics.`{m}`" for m in metrics),
                                 *(f"params.`{p}`" for p in params)],
             "chartsSearchFilter": "val/", "hideEmptyCharts": True}
     views = {TRIALS_VIEW: {**base, "searchFilter": "tags.role = 'trial'"}}
@@ -218,7 +221,7 @@ class TrialLogger(tune.Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         if trial.trial_id in self.run_ids:
             return
-        number = trial.config.get("_optuna_trial")
+        number = trial.config.get(OPTUNA_TRIAL)
         run_id = self._existing_run(number)
         if run_id is not None:  # a trial cut off by a killed driver, retried: same run
             self.client.update_run(run_id, status="RUNNING")
@@ -226,8 +229,9 @@ class TrialLogger(tune.Callback):
             self.run_ids[trial.trial_id] = run_id
             return
         searched = {k: v for k, v in sorted(trial.config.items()) if not k.startswith("_")}
+        origin = trial.config.get(ORIGIN)
         note = (f"{self.family} {self.role} {number if number is not None else trial.trial_id} "
-                f"of study {self.tracker.study}: " + ", ".join(
+                f"of study {self.tracker.study}" + (f" ({origin})" if origin else "") + ": " + ", ".join(
                     f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                     for k, v in searched.items()))
         self.notes[trial.trial_id] = note
@@ -237,6 +241,8 @@ class TrialLogger(tune.Callback):
                 NOTE: note, **source_tags(self.sha)}
         if number is not None:
             tags["optuna_trial"] = str(number)
+        if origin is not None:
+            tags["origin"] = origin
         if self.role != "trial":
             tags["seed"] = str(trial.config.get("seed"))
             tags["confirms_trial"] = str(trial.config.get("_confirms"))

@@ -119,7 +119,7 @@ def test_the_printed_link_opens_the_trials_sorted_by_validation_accuracy(mlflow_
     page, errors = open_page(link, SHOTS / "mlflow-runs.png", f'[col-id="metrics.`{metric}`"]')
     assert_no_error(page["text"], errors)
     assert "Model training" in page["text"] and "Runs" in page["text"]
-    for column in ("tags.`family`", f"metrics.`{metric}`", "metrics.`val/cluster_acc`",
+    for column in ("tags.`family`", "tags.`origin`", f"metrics.`{metric}`", "metrics.`val/cluster_acc`",
                    "metrics.`val/mmd`", "params.`K`", "params.`lambda_mmd`"):
         assert column in page["headers"], column
 
@@ -131,6 +131,8 @@ def test_the_printed_link_opens_the_trials_sorted_by_validation_accuracy(mlflow_
     assert shown == sorted(shown, reverse=True)  # best first
     assert sorted(shown) == pytest.approx(sorted(r.data.metrics[metric] for r in trials), abs=1e-3)
     assert sorted(page["cells"]["tags.`family`"]) == ["gmvae"] * 3 + ["gmwae"] * 3
+    # where each trial came from: each family's paper point, then the sampler's
+    assert sorted(page["cells"]["tags.`origin`"]) == ["paper point"] * 2 + ["sampled"] * 4
 
 
 def test_the_family_view_compares_the_top_runs_val_curves(mlflow_ui):

@@ -159,16 +159,19 @@ def test_points_run_after_the_paper_point_completed_with_its_values():
     assert spec.start_points("gmwae") == [
         paper, {**paper, "consistency_weight": 4.0, "balance_weight": 1.0}, {**paper, "K": 12}]
     assert isinstance(spec.start_points("gmwae")[2]["K"], int)  # Optuna's int parameter
+    assert spec.start_origins("gmwae") == ("paper point", "points[0]", "points[1]")
     gmvae = spec.start_points("gmvae")
     assert len(gmvae) == 2 and gmvae[1]["consistency_weight"] == 50.0 and "lambda_mmd" not in gmvae[1]
     # fewer trials than points: the first ones run, the rest are left out, not an error
     short = spec_from_dict({**spec.to_dict(), "trials": 2})
     assert short.start_points("gmwae") == spec.start_points("gmwae")[:2]
+    assert short.start_origins("gmwae") == ("paper point", "points[0]")
     # a space with no paper point: the points alone, their other keys sampled
     narrow = spec_from_dict({"name": "s", "space": {"K": {"type": "int", "low": 12, "high": 20},
                                                     "lr": {"type": "float", "low": 1e-4, "high": 1e-2}},
                              "points": {"gmwae": [{"K": 14}]}})
     assert narrow.start_points("gmwae") == [{"K": 14}]
+    assert narrow.start_origins("gmwae") == ("points[0]",)
 
 
 def test_a_study_recorded_before_points_existed_still_resumes():

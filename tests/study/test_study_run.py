@@ -64,6 +64,7 @@ def test_a_diverging_trial_is_marked_failed_and_the_study_goes_on(tmp_path, ray_
     vae = trials_of(tmp_path, "nan-study/gmvae")
     assert vae[1].params == {**spec.search_space.paper_point("gmvae"), "latent_dim": 4}
     assert wae[2].params != wae[1].params and wae[2].params != paper  # the searcher's own
+    assert [t.user_attrs["origin"] for t in wae] == ["paper point", "points[0]", "sampled"]
     assert all(t.state.name in SCORED_STATES for t in trials_of(tmp_path, "nan-study/gmvae"))
     assert summary["gmwae"]["failed"] == 1 and summary["gmvae"]["failed"] == 0
 
@@ -73,6 +74,13 @@ def test_a_diverging_trial_is_marked_failed_and_the_study_goes_on(tmp_path, ray_
     assert len(failed) == 1 and failed.iloc[0]["tags.family"] == "gmwae"
     assert "not finite" in failed.iloc[0]["tags.failure_reason"]
     assert (children["status"] == "FINISHED").sum() == 2 * spec.trials - 1
+    # MLflow says where each trial came from, as Optuna does (tag and description)
+    origin = dict(zip(children["tags.family"] + "-" + children["tags.optuna_trial"],
+                      children["tags.origin"]))
+    assert origin == {f"{f}-{n}": o for f in ("gmwae", "gmvae")
+                      for n, o in enumerate(["paper point", "points[0]", "sampled"])}
+    point_run = children[(children["tags.family"] == "gmvae") & (children["tags.optuna_trial"] == "1")]
+    assert "(points[0]): " in point_run.iloc[0]["tags.mlflow.note.content"]
 
 
 def test_a_trials_linear_schedule_decays_the_rate_over_the_trials_own_length(tmp_path, ray_local):
