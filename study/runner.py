@@ -4,8 +4,8 @@
     summary = run_study(spec)           # {family: best trial row}
 
 Each family gets its own Optuna study ("{name}/{family}") and the same trial budget, so
-the comparison is fair; the paper's point is enqueued first, then the spec's `points`. Stores are checked before
-any trial starts.
+the comparison is fair; the paper's point is enqueued first, then the spec's `points`.
+Stores are checked before any trial starts.
 """
 from __future__ import annotations
 

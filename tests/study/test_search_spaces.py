@@ -174,4 +174,9 @@ def test_study_validate_prints_what_would_run_and_touches_nothing(tmp_path):
     assert bad.returncode == 2
     assert bad.stderr.count("\n") == 1 and "`K.step` must be a positive number, and cannot go " \
         "with log: true, but got 2" in bad.stderr
+    pointed = gmwae("study", "validate", ROOT / "studies/quickstart.yaml", "--set", "trials=1",
+                    cwd=tmp_path, timeout=120)
+    assert pointed.returncode == 0, pointed.stderr
+    assert ("  then (enqueued): consistency_weight=4.0, balance_weight=1.0; other keys as at the "
+            "paper point (not enqueued: trials is 1)") in pointed.stdout
     assert list(tmp_path.iterdir()) == []  # no store, no run folder
