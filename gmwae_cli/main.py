@@ -269,13 +269,13 @@ def describe_spec(spec) -> str:
         lines.append(f"{family} searches ({space_name}):" + ("" if params else " nothing"))
         lines += [f"  {p.describe()}" for p in params]
         lines.append(f"  {space.paper_point_note(family)}")
-        paper = space.paper_point(family)
-        others = "other keys as at the paper point" if paper else "other keys sampled"
+        others = ("other keys as at the paper point" if space.paper_point(family)
+                  else "other keys sampled")
+        enqueued = spec.start_origins(family)
         for i, point in enumerate(spec.points.get(family, ())):
             text = ", ".join(f"{k}={v}" for k, v in point.items())
-            room = i + (1 if paper else 0) < spec.trials
-            lines.append(f"  then (enqueued): {text}; {others}"
-                         + ("" if room else f" (not enqueued: trials is {spec.trials})"))
+            lines.append(f"  then (enqueued): {text}; {others}" + (
+                "" if f"points[{i}]" in enqueued else f" (not enqueued: trials is {spec.trials})"))
     fixed = ", ".join(f"{k}={v}" for k, v in spec.fixed.items()) or "none"
     lines.append(f"fixed (every trial): {fixed}")
     lines.append("stores: " + ", ".join(
