@@ -34,9 +34,12 @@ from gmwae_core import ConfigError, from_preset, load_splits, parse_overrides, t
 from gmwae_core.config import canonical_key
 from gmwae_core.metrics import clustering_metrics
 from gmwae_core.training import cpu_has_fast_bf16
+from record import provenance
 
 KEYS = ["cluster_acc", "cluster_acc_greedy", "nmi", "ami", "ari", "active_components",
         "assignment_entropy", "mmd", "recon_mse"]
+"""Metrics kept per run, for the test split (`test/...`) and the validation split
+(`val/...`, the last epoch's): choices between variants read `val/`, never `test/`."""
 SUMMARY_KEYS = ["cluster_acc", "nmi", "ami", "active_components"]
 
 VARIANTS: dict[str, dict] = {
@@ -211,6 +214,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data-dir", default=os.environ.get("GMWAE_DATA_DIR"))
     p.add_argument("--minutes", type=float, default=20.0, help="training budget per run")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="a step budget of this many epochs instead of --minutes: the same "
+                        "steps on any machine, whatever else it runs")
     p.add_argument("--variants", default="paper,gmvae",
                    help=f"comma-separated, of: {', '.join(VARIANTS)}")
     p.add_argument("--seeds", type=int, default=1, help="run seeds 0..N-1")
@@ -233,6 +239,8 @@ def main() -> int:
 
     base = {"dataset": "mnist", "data_dir": args.data_dir, "minutes": args.minutes,
             "epochs": 1_000_000, "eval_size": 2000}
+    if args.epochs is not None:
+        base.update(minutes=None, epochs=args.epochs)
     smoke = {}      # over a variant's own settings too: no variant's pretraining runs long here
     if args.smoke:
         base = {"dataset": "synthetic", "minutes": 0.05, "epochs": 1_000_000, "decoder_width": 8}
@@ -261,11 +269,17 @@ def main() -> int:
     except ConfigError as e:
         raise SystemExit(f"--set: {e}") from None
     cfg = next(iter(configs.values()))
-    results: dict = {"budget_minutes": cfg.train.minutes, "preset": "cpu",
+    settings = {"budget_minutes": cfg.train.minutes,
+                "budget_epochs": None if cfg.train.minutes is not None else cfg.train.epochs,
+                "preset": "cpu", "variants": variants, "seeds": seeds,
+                "overrides": parse_overrides(args.overrides), "dataset": cfg.data.dataset,
+                "eval_size": cfg.data.eval_size, "torch_threads": torch.get_num_threads()}
+    results: dict = {**provenance(settings),
+                     "budget_minutes": cfg.train.minutes, "budget_epochs": settings["budget_epochs"],
+                     "preset": "cpu",
                      "data": {"dataset": cfg.data.dataset, "eval_size": cfg.data.eval_size},
                      "K": cfg.model.K, "torch_threads": torch.get_num_threads(),
-                     "machine": platform.machine(), "cpus": os.cpu_count(),
-                     "processor": processor(), "commit": commit(),
+                     "processor": processor(),
                      "variants": {v: {**VARIANTS[v], **parse_overrides(args.overrides)}
                                   for v in variants},
                      "runs": {v: {} for v in variants}, "kmeans": {}}
@@ -276,7 +290,7 @@ def main() -> int:
                   file=sys.stderr, flush=True)
             m = train_run(run_cfg, Path(args.runs) / f"{variant}-seed{seed}")
             results["runs"][variant][str(seed)] = {
-                **{f"test/{k}": m[f"test/{k}"] for k in KEYS},
+                **{f"{split}/{k}": m[f"{split}/{k}"] for split in ("test", "val") for k in KEYS},
                 "epochs": m["run/epochs"], "steps": m["run/steps"],
                 "bf16_networks": m.get("train/bf16_networks"),
                 "train_seconds": m["run/train_seconds"], "config": run_cfg.to_dict()}
