@@ -261,7 +261,9 @@ def describe_spec(spec) -> str:
     lines = [f"study {spec.name}: {', '.join(spec.families)} on {spec.dataset}, preset "
              f"{spec.preset}, {spec.trials} trials per family, {spec.max_iterations} iterations "
              f"per trial, scheduler {spec.scheduler.type}",
-             f"objective: {objective.mode} {objective.metric}"]
+             f"objective: {objective.mode} {objective.metric} ("
+             + ("reads the validation split's labels" if objective.reads_labels
+                else "label-free: reads the validation images only") + ")"]
     lines += [f"  {w}" for w in objective.warnings(spec.searched_keys())]
     space_name = spec.space if isinstance(spec.space, str) else "inline"
     for family in spec.families:
@@ -366,15 +368,17 @@ def _study(args: argparse.Namespace) -> int:
     summary = run_study(spec, address=args.address, verbose=0 if args.quiet else 1, resume=resume)
     objective = spec.objective
     print(f"\nstudy {spec.name}: best {objective.metric} ({objective.mode}) per family")
-    print(f"{'family':<8}{'trials':>7}{'failed':>7}{objective.metric:>20}{'active':>7}  params")
+    print(f"{'family':<8}{'trials':>7}{'failed':>7}{'best':>6}  {'origin':<12}"
+          f"{objective.metric:>18}{'active':>7}  params")
     for fam, row in summary.items():
         if "value" not in row:
             print(f"{fam:<8}{row['trials']:>7}{row['failed']:>7}  no trial finished")
             continue
         params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in sorted(row["params"].items()))
-        print(f"{fam:<8}{row['trials']:>7}{row['failed']:>7}{row['value']:>20.4g}"
-              f"{row.get('val/active_components') or float('nan'):>7.0f}  {params}")
+        print(f"{fam:<8}{row['trials']:>7}{row['failed']:>7}{row['number']:>6}  {row['origin']:<12}"
+              f"{row['value']:>18.4g}{row.get('val/active_components') or float('nan'):>7.0f}"
+              f"  {params}")
     mlflow_store = spec.store("mlflow")
     print(f"stores: optuna {mask_url(spec.store('optuna'))}, mlflow {mask_url(mlflow_store)}")
     print(compare_hint(spec))

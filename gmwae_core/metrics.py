@@ -23,6 +23,7 @@ from sklearn.metrics import (adjusted_mutual_info_score, adjusted_rand_score,
 
 __all__ = [
     "EVAL_METRICS",
+    "LABEL_METRICS",
     "cluster_acc_hungarian",
     "cluster_acc_greedy",
     "greedy_labels",
@@ -47,6 +48,11 @@ EVAL_METRICS: dict[str, str] = {
 }
 """Every metric Trainer.evaluate reports for a split (as `{split}/{name}`) and its better
 direction: max (higher is better) or min."""
+LABEL_METRICS = frozenset({"cluster_acc", "cluster_acc_greedy", "cluster_acc_many", "nmi", "ari",
+                           "ami"})
+"""The metrics of EVAL_METRICS that compare the clusters with the split's labels. A study
+whose objective is one of them chooses its models with the validation split's labels; the
+others read the images alone."""
 
 
 def _contingency(labels: np.ndarray, clusters: np.ndarray, n_labels: int, K: int) -> np.ndarray:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, TypeVar
 
 from gmwae_core.config import ConfigError
-from gmwae_core.metrics import EVAL_METRICS
+from gmwae_core.metrics import EVAL_METRICS, LABEL_METRICS
 
 __all__ = ["Objective", "DEFAULT_METRIC", "K_SEARCH_METRIC", "default_metric",
            "reported_metrics"]
@@ -50,6 +50,11 @@ class Objective:
         if self.mode not in ("min", "max"):
             raise ConfigError(f"`mode` must be min or max, but got {self.mode!r}. Use "
                               f"{EVAL_METRICS[self.metric.split('/', 1)[1]]} for {self.metric}.")
+
+    @property
+    def reads_labels(self) -> bool:
+        """Whether choosing by this metric reads the validation split's labels."""
+        return self.metric.split("/", 1)[1] in LABEL_METRICS
 
     @property
     def direction(self) -> str:

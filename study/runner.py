@@ -288,4 +288,5 @@ def _best_from_optuna(study, family: str, objective: Objective) -> dict[str, Any
             objective.metric: best_value(best),
             VAL_ACTIVE: best.user_attrs.get("best_active"),
             "iterations": best.user_attrs.get("latest_iteration"),
+            "origin": best.user_attrs.get("origin", "sampled"),
             "params": best.params}

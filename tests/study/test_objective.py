@@ -11,6 +11,15 @@ from study.spec import SpecError, load_spec, spec_from_dict
 from tests.conftest import ROOT, gmwae
 
 
+def test_which_objectives_read_labels():
+    from gmwae_core.metrics import EVAL_METRICS, LABEL_METRICS
+
+    assert LABEL_METRICS < set(EVAL_METRICS)
+    assert Objective("val/ami").reads_labels and Objective("val/cluster_acc").reads_labels
+    for free in ("val/mmd", "val/recon_mse", "val/assignment_entropy", "val/active_components"):
+        assert not Objective(free).reads_labels, free
+
+
 def test_the_default_metric_follows_whether_K_is_searched():
     assert spec_from_dict({"name": "s", "space": "smoke"}).objective == Objective("val/ami", "max")
     assert spec_from_dict({"name": "s", "space": "fixed"}).objective == Objective(

@@ -161,13 +161,16 @@ def test_study_validate_prints_what_would_run_and_touches_nothing(tmp_path):
 
     done = gmwae("study", "validate", ROOT / "studies/k-search.yaml", cwd=tmp_path, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "objective: max val/ami" in done.stdout
+    assert "objective: max val/ami (reads the validation split's labels)" in done.stdout
     assert "gmwae searches (inline):\n  K: int 8..20\n  paper point (enqueued first): K=10" \
         in done.stdout
     assert "fixed (every trial): eval_size=2000, pretrain_steps=200" in done.stdout
     warned = gmwae("study", "validate", ROOT / "studies/smoke.yaml", "--set",
                    "metric=val/cluster_acc", cwd=tmp_path, timeout=120)
     assert warned.returncode == 0 and "warning: the space searches K" in warned.stdout
+    free = gmwae("study", "validate", ROOT / "studies/smoke.yaml", "--set", "metric=val/mmd",
+                 cwd=tmp_path, timeout=120)
+    assert "objective: min val/mmd (label-free: reads the validation images only)" in free.stdout
     bad = gmwae("study", "validate", ROOT / "studies/smoke.yaml", "--set",
                 "space={K: {type: int, low: 8, high: 20, log: yes, step: 2}}", cwd=tmp_path,
                 timeout=120)

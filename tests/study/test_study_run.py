@@ -149,6 +149,12 @@ def test_cli_runs_the_smoke_study_into_real_stores(tmp_path):
         assert all(t.state.name in SCORED_STATES and 0 <= t.value <= 1 for t in trials)
         assert trials[0].params["K"] == 10 and trials[0].params["latent_dim"] == 10
         assert ("lambda_mmd" in trials[0].params) == (family == "gmwae")
+        # The final table names each family's best trial and where its values came from.
+        line = next(row for row in stdout.split("per family", 1)[1].splitlines()
+                    if row.startswith(family))
+        best = trials[int(line.split()[3])]
+        assert best.user_attrs["origin"] in ("paper point", "sampled")
+        assert f" {best.user_attrs['origin']} " in line
 
     # Both families ran in one Tune run (run_families: together), and Tune reused its worker
     # processes (reuse_actors): 2 x 3 trials, at most 2 at a time, ran in at most 2
