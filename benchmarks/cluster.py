@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from record import provenance  # benchmarks/record.py: the results record's provenance keys
+
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
 BIN = Path(sys.executable).parent
@@ -107,7 +109,8 @@ def autoscaled_run(cluster, name: str, mode: str, trials: int, steps: int) -> di
             "workers_launched": len(seen), "workers_removed": removed}
 
 
-def autoscaling(out: Path, trials: int, steps: int, idle_minutes: float = 0.25) -> dict:
+def autoscaling(out: Path, trials: int, steps: int, idle_minutes: float = 0.25,
+                argv: list[str] | None = None) -> dict:
     from study.local_cluster import LocalCluster
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -121,7 +124,9 @@ def autoscaling(out: Path, trials: int, steps: int, idle_minutes: float = 0.25) 
                     for mode in ("in_turn", "together")]
         finally:
             cluster.stop()
-    result = {"study": "studies/smoke.yaml", "trials_per_family": trials, "steps": steps,
+    result = {**provenance({"study": "studies/smoke.yaml", "trials_per_family": trials,
+                            "steps": steps, "idle_minutes": idle_minutes}, argv=argv),
+              "study": "studies/smoke.yaml", "trials_per_family": trials, "steps": steps,
               "cluster_startup_seconds": startup_s, "runs": runs}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
@@ -150,7 +155,8 @@ def main(argv=None) -> int:
     if not args.static:
         # the smoke run's workers go after 6 s idle (the benchmark's after 15 s)
         autoscaling(out, 2 if args.smoke else args.trials, 10 if args.smoke else args.steps,
-                    0.1 if args.smoke else 0.25)
+                    0.1 if args.smoke else 0.25,
+                    None if argv is None else ["benchmarks/cluster.py", *map(str, argv)])
         return 0
     from study.local_cluster import LocalCluster
 
@@ -173,7 +179,9 @@ def main(argv=None) -> int:
                              "--quiet"], cwd=ROOT, env=cluster.env())
         finally:
             cluster.stop()
-    result = {"study": "studies/smoke.yaml", "local_ray_seconds": local_s,
+    result = {**provenance({"study": "studies/smoke.yaml", "workers": 2, "cpus_per_worker": 1},
+                           argv=None if argv is None else ["benchmarks/cluster.py", *argv]),
+              "study": "studies/smoke.yaml", "local_ray_seconds": local_s,
               "cluster_seconds": cluster_s, "cluster_startup_seconds": startup_s,
               "ratio": cluster_s / local_s}
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from record import provenance  # benchmarks/record.py: the results record's provenance keys
+
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
@@ -119,7 +121,9 @@ def main(argv=None) -> int:
             html = write_report(spec, folder / "report.html", log_to_mlflow=False)
             times.append(time.monotonic() - start)
         size_mb = html.stat().st_size / 1e6
-    result = {"trials": args.trials, "steps": args.steps, "store_write_seconds": written,
+    result = {**provenance({"trials": args.trials, "steps": args.steps, "repeats": args.repeats},
+                           argv=None if argv is None else ["benchmarks/dashboard.py", *argv]),
+              "trials": args.trials, "steps": args.steps, "store_write_seconds": written,
               "build_seconds": times, "build_seconds_median": sorted(times)[len(times) // 2],
               "size_mb": size_mb,
               "targets": {"seconds": {"target": TARGET_SECONDS,

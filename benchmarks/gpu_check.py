@@ -53,6 +53,7 @@ from mmd_kernel import SIZES as KERNEL_SIZES  # noqa: E402  (benchmarks/mmd_kern
 from mmd_kernel import SMOKE_SIZES as KERNEL_SMOKE_SIZES  # noqa: E402
 from mmd_kernel import kernel_row  # noqa: E402
 from quality import VARIANTS  # noqa: E402  (benchmarks/quality.py)
+from record import provenance  # noqa: E402  (benchmarks/record.py)
 
 # (label, family, overrides on the paper preset)
 MEMORY = [("paper gmwae", "gmwae", {}), ("paper gmvae", "gmvae", {}),
@@ -286,7 +287,11 @@ def main(argv=None) -> int:
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "smoke": args.smoke}
     print(json.dumps(info), flush=True)
-    result = {"info": info, "arguments": sys.argv[1:] if argv is None else [str(a) for a in argv]}
+    settings = {"sections": wanted, "smoke": args.smoke, "paper_seconds": args.paper_seconds,
+                "paper_variants": args.paper_variants.split(","), "overrides": overrides}
+    result = {**provenance(settings, gpu=info["device"] if info["device"] != "cpu" else None,
+                           argv=None if argv is None else ["benchmarks/gpu_check.py", *map(str, argv)]),
+              "info": info}
     sections = [("memory", lambda: memory_rows(args.smoke)),
                 ("syncs", lambda: sync_rows(args.smoke)),
                 ("speed", lambda: speed_rows(args.smoke, 10 if args.smoke else 100)),

@@ -26,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gmwae_core.objectives import weighted_mmd  # noqa: E402
 
+from record import provenance  # benchmarks/record.py: the results record's provenance keys
+
 SIZES = (640, 1000, 5000, 12800)
 SMOKE_SIZES = (160,)
 LATENT_DIM = 8
@@ -87,7 +89,11 @@ def main(argv=None) -> int:
             "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
             "threads": torch.get_num_threads(), "latent_dim": LATENT_DIM, "smoke": args.smoke}
     rows = [kernel_row(n, device, 0.2 if args.smoke else args.seconds) for n in sizes]
-    Path(args.out).write_text(json.dumps({"info": info, "rows": rows}, indent=2))
+    settings = {"sizes": list(sizes), "seconds": args.seconds, "device": args.device,
+                "latent_dim": LATENT_DIM, "smoke": args.smoke}
+    record = provenance(settings, gpu=info["device"] if device.type == "cuda" else None,
+                        argv=None if argv is None else ["benchmarks/mmd_kernel.py", *map(str, argv)])
+    Path(args.out).write_text(json.dumps({**record, "info": info, "rows": rows}, indent=2))
     print(json.dumps(info))
     print(f"{'codes':>7}{'eager ms':>10}{'fused ms':>10}{'speed-up':>10}{'compile s':>11}"
           f"{'value diff':>12}{'grad diff':>11}")

@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from record import provenance  # benchmarks/record.py: the results record's provenance keys
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
@@ -107,6 +109,7 @@ def main() -> int:
         two_at_a_time, two_span = platform(make_spec(args, tmp, "par1cpu", 1, 2))
         ray.shutdown()
     result = {
+        **provenance({"trials": args.trials, "steps_per_trial": args.steps, "smoke": args.smoke}),
         "trials": args.trials, "steps_per_trial": args.steps, "smoke": args.smoke,
         "ray_init_seconds": ray_init,
         "sequential": {"direct_seconds": seq_direct, "platform_seconds": seq_platform,

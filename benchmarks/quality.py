@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,7 +32,8 @@ from gmwae_core import ConfigError, from_preset, load_splits, parse_overrides, t
 from gmwae_core.config import canonical_key
 from gmwae_core.metrics import clustering_metrics
 from gmwae_core.training import cpu_has_fast_bf16
-from record import provenance
+
+from record import provenance  # benchmarks/record.py: the results record's provenance keys
 
 KEYS = ["cluster_acc", "cluster_acc_greedy", "nmi", "ami", "ari", "active_components",
         "assignment_entropy", "mmd", "recon_mse"]
@@ -126,50 +125,27 @@ def print_table(results: dict) -> None:
     print("\ntargets:", json.dumps(results["targets"]))
 
 
-SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
-"""The CPU flags that change how many steps a run makes in its budget (and what
-train.precision=auto picks)."""
-
-
-def processor() -> dict:
-    """The CPU the runs train on: its model name, the flags of SPEED_FLAGS it has, and
-    whether oneDNN has bf16 kernels for it. Sessions' machines differ (an AVX-512 BF16
-    EPYC made about twice the steps of an AVX2 one in 20 minutes)."""
-    model, flags = platform.processor() or "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-                break
-    except OSError:
-        pass
-    return {"model": model, "flags": [f for f in SPEED_FLAGS if f in flags],
-            "bf16_kernels": cpu_has_fast_bf16()}
-
-
 def merge(paths: list[str]) -> dict:
     """The runs of several result files, which must share budget, preset and data."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
-    same = ("budget_minutes", "preset", "data")
+    same = ("budget_minutes", "budget_epochs", "preset", "data")
     for path, part in zip(paths[1:], parts[1:]):
         for key in same:
             if part.get(key) != parts[0].get(key):
                 raise SystemExit(f"--merge: {path} has {key}={part.get(key)!r}, but {paths[0]} "
                                  f"has {parts[0].get(key)!r}; only runs measured alike merge.")
-    # Files written before processors were recorded carry none; those merge with any.
-    known = [(path, part["processor"]) for path, part in zip(paths, parts) if "processor" in part]
-    for path, cpu in known[1:]:
-        if cpu != known[0][1]:
-            raise SystemExit(f"--merge: {path} ran on {cpu}, but {known[0][0]} on {known[0][1]}; "
-                             f"runs of one budget on different processors make different "
-                             f"numbers of steps: merge the files of one processor.")
-    out = {k: parts[0][k] for k in (*same, "K", "machine", "cpus", "torch_threads")}
-    out["processor"] = known[0][1] if known else None
+        if _cpu(part) != _cpu(parts[0]) and parts[0].get("budget_minutes") is not None:
+            raise SystemExit(f"--merge: {path} ran on {_cpu(part)}, but {paths[0]} on "
+                             f"{_cpu(parts[0])}; runs of one time budget on different "
+                             f"processors make different numbers of steps: merge the files "
+                             f"of one processor, or measure with a step budget (--epochs).")
+    seeds = sorted({s for part in parts for s in part["settings"]["seeds"]})
+    variants = sorted({v for part in parts for v in part["settings"]["variants"]})
+    out = {**provenance({**parts[0]["settings"], "seeds": seeds, "variants": variants}),
+           **{k: parts[0].get(k) for k in (*same, "K", "torch_threads")}}
+    out["machine"] = parts[0]["machine"]
     out["variants"], out["runs"], out["kmeans"] = {}, {}, {}
-    out["sources"] = [{"file": p, "commit": part.get("commit"), "processor": part.get("processor")}
+    out["sources"] = [{"file": p, **{k: part[k] for k in ("date", "commit", "command")}}
                       for p, part in zip(paths, parts)]
     trained_with: dict[str, tuple[str, dict]] = {}  # variant -> (file, a run's config)
     for path, part in zip(paths, parts):
@@ -192,6 +168,12 @@ def merge(paths: list[str]) -> dict:
     return finish(out, out["K"])
 
 
+def _cpu(result: dict) -> str:
+    """The processor a result file ran on: its model and the speed flags it has."""
+    machine = result["machine"]
+    return f"{machine['processor']} ({', '.join(machine['flags']) or 'no speed flags'})"
+
+
 def _config_differences(a: dict, b: dict, a_path: str) -> list[str]:
     """`section.key=B (A in a_path)` for every config value that differs, the seed and the
     data folder aside."""
@@ -200,14 +182,6 @@ def _config_differences(a: dict, b: dict, a_path: str) -> list[str]:
             for sec in sorted(set(a) | set(b)) if isinstance(a.get(sec), dict)
             for key in sorted(set(a[sec]) | set(b.get(sec, {})))
             if (sec, key) not in ignore and a[sec].get(key) != b.get(sec, {}).get(key)]
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def main() -> int:
@@ -279,7 +253,7 @@ def main() -> int:
                      "preset": "cpu",
                      "data": {"dataset": cfg.data.dataset, "eval_size": cfg.data.eval_size},
                      "K": cfg.model.K, "torch_threads": torch.get_num_threads(),
-                     "processor": processor(),
+                     "bf16_kernels": cpu_has_fast_bf16(),
                      "variants": {v: {**VARIANTS[v], **parse_overrides(args.overrides)}
                                   for v in variants},
                      "runs": {v: {} for v in variants}, "kmeans": {}}

@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from record import provenance  # benchmarks/record.py: the results record's provenance keys
+
 ROOT = Path(__file__).resolve().parents[1]
 # (family, decoder width, batch, K, S): N = B K S from 1,600 to 19,200 images per step
 FULL = [("gmwae", 8, 32, 30, 5), ("gmwae", 8, 64, 30, 5), ("gmwae", 8, 128, 30, 5),
@@ -84,7 +86,9 @@ def main(argv=None) -> int:
     gpu = shipped()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"cpu_steps": rows, "gpu_estimates": gpu}, indent=2))
+    record = provenance({"configurations": "smoke" if args.smoke else "full"},
+                        argv=None if argv is None else ["benchmarks/step_memory.py", *argv])
+    out.write_text(json.dumps({**record, "cpu_steps": rows, "gpu_estimates": gpu}, indent=2))
     print(f"{'family':<7}{'width':>6}{'B':>5}{'K':>4}{'S':>3}{'N':>7}{'measured MiB':>14}"
           f"{'estimated MiB':>15}{'ratio':>7}")
     for r in rows:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,8 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from gmwae_core import ConfigError, Trainer, from_preset, load_splits
+
+from record import provenance  # benchmarks/record.py: the results record's provenance keys
 
 REGIONS = ("encoders", "decoder", "mmd", "backward", "optimizer")
 
@@ -213,8 +214,12 @@ def main() -> int:
         row = measure(preset, steps, device)
         row["fraction_of_matmul_peak"] = row["gflops"] / peak
         rows.append(row)
-    result = {"device": str(device), "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
-              "threads": torch.get_num_threads(), "machine": platform.machine(),
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else None
+    settings = {"presets": presets, "steps": args.steps, "paper_steps": args.paper_steps,
+                "device": str(device), "smoke": args.smoke}
+    result = {**provenance(settings, gpu=gpu),
+              "device": str(device), "gpu": gpu,
+              "threads": torch.get_num_threads(),
               "matmul_peak_gflops": peak, "results": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

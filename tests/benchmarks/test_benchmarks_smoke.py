@@ -47,14 +47,18 @@ def test_quality_smoke_runs_variants_over_seeds_with_kmeans_and_merges(tmp_path)
     assert all(isinstance(v, bool) for v in result["targets"].values())
     assert "consistency-tuned_mean_ge_0.85" in result["targets"]
     assert "kmeans" in out and "± " in out and "seed 1:" in out
-    # The processor is recorded (its steps per budget differ), and the precision that ran.
+    # Provenance: the results record's five keys, the processor among them.
     from gmwae_core.training import cpu_has_fast_bf16
-    assert result["processor"]["bf16_kernels"] is cpu_has_fast_bf16()
-    assert result["processor"]["model"] and set(result["processor"]["flags"]) <= {
+    assert result["date"] and result["commit"] and "quality.py --smoke" in result["command"]
+    assert result["machine"]["processor"] and set(result["machine"]["flags"]) <= {
         "avx2", "avx512f", "avx512_bf16", "amx_bf16"}
+    assert result["settings"]["seeds"] == [0, 1] and result["bf16_kernels"] is cpu_has_fast_bf16()
     assert {r["bf16_networks"] for runs in result["runs"].values() for r in runs.values()} == {0.0}
+    # Each run keeps its validation metrics, the ones a choice between variants may read.
+    assert all(0.0 <= r["val/cluster_acc"] <= 1.0 and r["val/mmd"] == r["val/mmd"]
+               for runs in result["runs"].values() for r in runs.values())
 
-    # a later session adds seed 2 of one variant; the merge holds all runs and resummarises
+    # seed 2 of one variant, measured later; the merge holds all runs and resummarises
     run("quality.py", "--smoke", "--variants", "paper", "--seed-list", "2",
         "--set", "train.consistency_weight=0.5",
         "--out", tmp_path / "b.json", "--runs", tmp_path / "runs")
@@ -63,6 +67,8 @@ def test_quality_smoke_runs_variants_over_seeds_with_kmeans_and_merges(tmp_path)
     assert set(merged["runs"]["paper"]) == {"0", "1", "2"} and set(merged["kmeans"]) == {"0", "1", "2"}
     assert merged["summary"]["paper"]["cluster_acc"]["n"] == 3
     assert merged["runs"]["gmvae"] == result["runs"]["gmvae"]
+    assert merged["settings"]["seeds"] == [0, 1, 2] and "--merge" in merged["command"]
+    assert [s["file"] for s in merged["sources"]] == [str(tmp_path / "a.json"), str(tmp_path / "b.json")]
 
 
 def test_quality_rejects_bad_variants_settings_and_merges_before_training(tmp_path):
@@ -77,17 +83,23 @@ def test_quality_rejects_bad_variants_settings_and_merges_before_training(tmp_pa
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr
     assert not (tmp_path / "q.json").exists() and not (tmp_path / "runs").exists()
-    a = {"budget_minutes": 20, "preset": "cpu", "data": {"dataset": "mnist"}, "runs": {},
-         "kmeans": {}, "variants": {}, "K": 10}
+    xeon = {"processor": "Intel Xeon", "flags": ["avx2", "avx512f"], "cores": 2}
+    a = {"date": "2026-01-01", "commit": "abc1234", "command": "python benchmarks/quality.py",
+         "machine": xeon, "settings": {"seeds": [0], "variants": ["consistency"]},
+         "budget_minutes": 20, "preset": "cpu", "data": {"dataset": "mnist"}, "runs": {},
+         "kmeans": {}, "variants": {}, "K": 10, "torch_threads": 2}
     (tmp_path / "a.json").write_text(json.dumps(a))
     (tmp_path / "b.json").write_text(json.dumps({**a, "budget_minutes": 5}))
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/quality.py"), "--merge",
-                           str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out",
-                           str(tmp_path / "m.json")], capture_output=True, text=True, cwd=ROOT)
+
+    def merge():
+        return subprocess.run([sys.executable, str(ROOT / "benchmarks/quality.py"), "--merge",
+                               str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out",
+                               str(tmp_path / "m.json")], capture_output=True, text=True, cwd=ROOT)
+
+    proc = merge()
     assert proc.returncode != 0 and "budget_minutes=5" in proc.stderr
     assert not (tmp_path / "m.json").exists()
     # Same variant name and budget, but the preset changed between the files' commits.
-    a.update(machine="x86_64", cpus=2, torch_threads=2)
     config = {"train": {"seed": 0, "pretrain_steps": 1500}, "data": {"data_dir": "/a"}}
     run_a = {"config": config, "test/cluster_acc": 0.8, "test/active_components": 10}
     run_b = {**run_a, "config": {"train": {"seed": 1, "pretrain_steps": 1000},
@@ -96,39 +108,38 @@ def test_quality_rejects_bad_variants_settings_and_merges_before_training(tmp_pa
                                                  "runs": {"consistency": {"0": run_a}}}))
     (tmp_path / "b.json").write_text(json.dumps({**a, "variants": {"consistency": {}},
                                                  "runs": {"consistency": {"1": run_b}}}))
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/quality.py"), "--merge",
-                           str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out",
-                           str(tmp_path / "m.json")], capture_output=True, text=True, cwd=ROOT)
+    proc = merge()
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert (f"variant 'consistency', seed 1 in {tmp_path / 'b.json'} trained with "
             f"train.pretrain_steps=1000 (1500 in {tmp_path / 'a.json'})") in proc.stderr
     assert "data_dir" not in proc.stderr and "train.seed" not in proc.stderr  # those may differ
     assert not (tmp_path / "m.json").exists()
-    # Same runs' settings, but measured on two processors (AVX2 against AVX-512 BF16).
-    avx2 = {"model": "AMD EPYC", "flags": ["avx2"], "bf16_kernels": False}
-    avx512 = {"model": "AMD EPYC", "flags": ["avx2", "avx512f", "avx512_bf16"], "bf16_kernels": True}
+    # Same runs' settings and time budget, but two processors (AVX2 against AVX-512).
+    epyc = {"processor": "AMD EPYC", "flags": ["avx2"], "cores": 2}
     run_b["config"] = {**config, "train": {"seed": 1, "pretrain_steps": 1500}}
-    for name, cpu, seed, r in (("a", avx2, "0", run_a), ("b", avx512, "1", run_b)):
-        (tmp_path / f"{name}.json").write_text(json.dumps({
-            **a, "processor": cpu, "variants": {"consistency": {}}, "runs": {"consistency": {seed: r}}}))
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/quality.py"), "--merge",
-                           str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out",
-                           str(tmp_path / "m.json")], capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert f"{tmp_path / 'b.json'} ran on {avx512}, but {tmp_path / 'a.json'} on {avx2}" in proc.stderr
-    assert not (tmp_path / "m.json").exists()
-    # A file from before processors were recorded merges with either.
     scores = {"test/cluster_acc": 0.8, "test/nmi": 0.7, "test/ami": 0.7, "test/active_components": 10}
-    for name, cpu, seed, r in (("a", avx2, "0", run_a), ("b", None, "1", run_b)):
-        (tmp_path / f"{name}.json").write_text(json.dumps({
-            **a, **({"processor": cpu} if cpu else {}), "variants": {"consistency": {}},
-            "runs": {"consistency": {seed: {**r, **scores}}}, "kmeans": {seed: scores}}))
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/quality.py"), "--merge",
-                           str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out",
-                           str(tmp_path / "m.json")], capture_output=True, text=True, cwd=ROOT)
+
+    def write(machine_b, **budget):
+        for name, machine, seed, r in (("a", xeon, "0", run_a), ("b", machine_b, "1", run_b)):
+            (tmp_path / f"{name}.json").write_text(json.dumps({
+                **a, **budget, "machine": machine, "settings": {"seeds": [int(seed)],
+                                                                "variants": ["consistency"]},
+                "variants": {"consistency": {}}, "runs": {"consistency": {seed: {**r, **scores}}},
+                "kmeans": {seed: scores}}))
+
+    write(epyc)
+    proc = merge()
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert (f"{tmp_path / 'b.json'} ran on AMD EPYC (avx2), but {tmp_path / 'a.json'} on "
+            f"Intel Xeon (avx2, avx512f)") in proc.stderr and "--epochs" in proc.stderr
+    assert not (tmp_path / "m.json").exists()
+    # A step budget makes the same steps on any processor: those runs merge.
+    write(epyc, budget_minutes=None, budget_epochs=8)
+    proc = merge()
     assert proc.returncode == 0, proc.stderr[-2000:]
     merged = json.loads((tmp_path / "m.json").read_text())
-    assert merged["processor"] == avx2 and [s["processor"] for s in merged["sources"]] == [avx2, None]
+    assert set(merged["runs"]["consistency"]) == {"0", "1"} and merged["budget_epochs"] == 8
+    assert [s["commit"] for s in merged["sources"]] == ["abc1234", "abc1234"]
 
 
 def test_throughput_smoke_reports_flops_against_a_measured_peak(tmp_path):
