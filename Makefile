@@ -57,10 +57,10 @@ test-quick: venv sysdeps
 
 quality: venv
 	$(PY) benchmarks/quality.py --data-dir $(DATA_DIR) --minutes 20 --seeds 3 \
-	    --variants paper,consistency-tuned,warm-start,gmvae,gmvae-consistency-tuned --out benchmarks/results/quality-seeds.json
+	    --variants paper,consistency-tuned,warm-start,gmvae,gmvae-consistency-tuned --out benchmarks/results/quality/seeds.json
 
 throughput: venv
-	$(PY) benchmarks/throughput.py --out benchmarks/results/throughput.json
+	$(PY) benchmarks/throughput.py --out benchmarks/results/throughput/cpu.json
 
 clean:
 	rm -rf runs/ .pytest_cache

@@ -1,8 +1,8 @@
 """Studies on local clusters: utilisation on an autoscaling cluster, families in turn vs
 together; and the smoke study's wall time on the static 3-node cluster vs plain local Ray.
 
-    python benchmarks/cluster.py --out benchmarks/results/cluster-autoscaling.json   # autoscaling
-    python benchmarks/cluster.py --static --out benchmarks/results/cluster.json      # static
+    python benchmarks/cluster.py --out benchmarks/results/cluster/autoscaling.json   # autoscaling
+    python benchmarks/cluster.py --static --out benchmarks/results/cluster/static.json      # static
 
 Autoscaling (study.local_cluster --autoscaling: a head with 0 CPUs, 0..2 workers of
 {CPU 1, GPU 1} with fake GPUs, PostgreSQL, an MLflow server): the same study (studies/
@@ -142,7 +142,7 @@ def autoscaling(out: Path, trials: int, steps: int, idle_minutes: float = 0.25,
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="benchmarks/results/cluster-autoscaling.json")
+    p.add_argument("--out", default="benchmarks/results/cluster/autoscaling.json")
     p.add_argument("--static", action="store_true",
                    help="the static 3-node cluster vs plain local Ray (the older benchmark)")
     p.add_argument("--trials", type=int, default=8, help="autoscaling: trials per family")

@@ -1,6 +1,6 @@
 """Dashboard build time and size for a large study written to real stores.
 
-    python benchmarks/dashboard.py --trials 200 --out benchmarks/results/dashboard.json
+    python benchmarks/dashboard.py --trials 200 --out benchmarks/results/dashboard/report.json
     python benchmarks/dashboard.py --smoke --out /tmp/dashboard.json       # 20 trials
 
 Writes `--trials` synthetic trials (half per family) into a fresh Optuna sqlite storage and
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=900, help="training steps per trial (history)")
     p.add_argument("--smoke", action="store_true", help="20 trials, 100 steps")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default="benchmarks/results/dashboard.json")
+    p.add_argument("--out", default="benchmarks/results/dashboard/report.json")
     args = p.parse_args(argv)
     if args.smoke:
         args.trials, args.steps, args.repeats = 20, 100, 1

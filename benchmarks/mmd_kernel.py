@@ -1,7 +1,7 @@
 """The MMD's IMQ kernel sum, eager (one pass over the distance block per scale) against
 fused (torch.compile: one pass forward, one backward), forward + backward of weighted_mmd.
 
-    python benchmarks/mmd_kernel.py --out benchmarks/results/mmd_kernel_cpu.json
+    python benchmarks/mmd_kernel.py --out benchmarks/results/mmd_kernel/cpu.json
     python benchmarks/mmd_kernel.py --smoke --out /tmp/mmd_kernel.json   # seconds
 
 Sizes are the number of codes N*M in one batch (B x K x S): 640 is the cpu preset

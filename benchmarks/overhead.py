@@ -1,7 +1,7 @@
 """Platform overhead: N identical trials through Ray Tune + Optuna + MLflow vs gmwae_core.
 
     python benchmarks/overhead.py --data-dir ../shared/data/mnist --trials 4 --steps 100 \\
-        --out benchmarks/results/overhead.json
+        --out benchmarks/results/overhead/local-ray.json
     python benchmarks/overhead.py --smoke --out /tmp/overhead.json      # synthetic, seconds
 
 1. Sequential: N trials one at a time through `run_study` (space `fixed`, 2 CPUs per
@@ -91,7 +91,7 @@ def main() -> int:
     p.add_argument("--data-dir", default=os.environ.get("GMWAE_DATA_DIR"))
     p.add_argument("--trials", type=int, default=4)
     p.add_argument("--steps", type=int, default=100, help="training steps per trial")
-    p.add_argument("--out", default="benchmarks/results/overhead.json")
+    p.add_argument("--out", default="benchmarks/results/overhead/local-ray.json")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args()
     if args.smoke:

@@ -2,7 +2,7 @@
 GM-VAE, and K-means on pixels, on MNIST.
 
     python benchmarks/quality.py --data-dir ../shared/data/mnist --minutes 20 --seeds 3 \\
-        --variants paper,consistency --out benchmarks/results/quality-seeds.json
+        --variants paper,consistency --out benchmarks/results/quality/seeds.json
     python benchmarks/quality.py --seed-list 3,4 ... --out part2.json       # more seeds later
     python benchmarks/quality.py --merge part1.json part2.json --out all.json
     python benchmarks/quality.py --smoke --out /tmp/quality.json            # seconds, synthetic
@@ -200,7 +200,7 @@ def main() -> int:
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="merge these result files into --out and print the table; runs nothing")
     p.add_argument("--runs", default="runs/quality", help="folder for the runs' outputs")
-    p.add_argument("--out", default="benchmarks/results/quality.json")
+    p.add_argument("--out", default="benchmarks/results/quality/run.json")
     p.add_argument("--smoke", action="store_true", help="synthetic data, a few seconds a run")
     args = p.parse_args()
 

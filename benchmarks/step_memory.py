@@ -1,7 +1,7 @@
 """One training step's memory, measured against gmwae_core.memory's estimate, and the GPU
 memory the shipped studies' configurations need.
 
-    python benchmarks/step_memory.py --out benchmarks/results/step_memory.json
+    python benchmarks/step_memory.py --out benchmarks/results/memory/step-memory.json
     python benchmarks/step_memory.py --smoke --out /tmp/step_memory.json     # seconds
 
 Each configuration runs in its own process: the trainer is built, the kernel's peak
@@ -79,7 +79,7 @@ def shipped() -> list[dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="benchmarks/results/step_memory.json")
+    p.add_argument("--out", default="benchmarks/results/memory/step-memory.json")
     p.add_argument("--smoke", action="store_true", help="two small configurations")
     args = p.parse_args(argv)
     rows = [measure(r) for r in (SMOKE if args.smoke else FULL)]

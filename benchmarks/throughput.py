@@ -1,6 +1,6 @@
 """Training throughput of GM-WAE at the cpu and paper widths, against the machine's peak.
 
-    python benchmarks/throughput.py --out benchmarks/results/throughput.json
+    python benchmarks/throughput.py --out benchmarks/results/throughput/cpu.json
     python benchmarks/throughput.py --smoke --out /tmp/throughput.json   # seconds
 
 For each preset: steps/s and images/s of the real training step (Trainer.train_steps on
@@ -199,7 +199,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=30, help="timed steps for the cpu preset")
     p.add_argument("--paper-steps", type=int, default=2, help="timed steps for the paper preset")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--out", default="benchmarks/results/throughput.json")
+    p.add_argument("--out", default="benchmarks/results/throughput/cpu.json")
     p.add_argument("--smoke", action="store_true", help="cpu preset, 2 steps")
     args = p.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()

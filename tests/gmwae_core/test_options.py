@@ -191,13 +191,21 @@ def test_balance_is_zero_for_a_balanced_batch_and_log_k_for_one_mode():
 
 
 @pytest.mark.parametrize("family", ["gmwae", "gmvae"])
-def test_the_options_train_both_families_and_report_their_terms(family):
-    t = trainer(family, consistency_weight=1.0, balance_weight=0.5)
-    out = t.train_steps(4)
-    assert out["train/consistency"] >= 0 and out["train/balance"] >= 0
-    assert {"consistency", "balance"} <= set(t.history[0])
-    family_terms = sum(out[f"train/{k}"] for k in ("recon", "mmd")) if family == "gmwae" else None
-    assert math.isfinite(out["train/loss"]) and (family_terms is None or out["train/loss"] != family_terms)
+def test_the_options_add_their_weighted_terms_to_the_familys_loss(family):
+    """Same start, same batch: the loss with the options is the family's own loss plus
+    consistency_weight * consistency + balance_weight * balance, and training reports them."""
+    with_options = trainer(family, consistency_weight=1.5, balance_weight=0.5)
+    plain = trainer(family)
+    x = plain.splits.train_x[:32]
+    loss, terms, _ = with_options._loss(x)
+    family_loss, family_terms, _ = plain._loss(x)
+    assert float(terms["consistency"]) > 0 and float(terms["balance"]) >= 0
+    expected = family_loss + 1.5 * terms["consistency"] + 0.5 * terms["balance"]
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    assert {k: float(v) for k, v in terms.items() if k in family_terms and k != "loss"} == \
+        pytest.approx({k: float(v) for k, v in family_terms.items() if k != "loss"}, rel=1e-5)
+    out = with_options.train_steps(4)
+    assert out["train/consistency"] > 0 and {"consistency", "balance"} <= set(with_options.history[0])
 
 
 def test_warm_start_fits_q_k_to_a_k_means_partition_before_training():
@@ -297,15 +305,19 @@ def test_bad_option_values_name_the_key_the_rule_and_the_fix(key, value, rule):
         from_preset("cpu", {key: value})
 
 
-@pytest.mark.parametrize("options, gain", [({}, 0.1),
-                                           ({"consistency_weight": 1.0, "balance_weight": 1.0}, 0.4)])
-def test_a_short_gmwae_run_learns_the_clusters_of_the_synthetic_set(options, gain):
-    """100 steps from the same start: the paper's GM-WAE rises (0.385 -> 0.75 measured), and
-    with augmentation consistency and balance it separates the ten classes (1.0). Seed 1:
-    seed 0's start at the cpu preset (d = 3) is already at 0.71, leaving no room to learn."""
-    t = trainer(decoder_width=16, batch_size=64, pretrain_steps=100, pretrain_batch=256,
-                history_every=50, seed=1, **options)
-    at_start = t.evaluate("val").metrics["val/cluster_acc"]
-    t.train_steps(100)
-    after = t.evaluate("val").metrics["val/cluster_acc"]
-    assert at_start < 0.5 and after > at_start + gain, (at_start, after)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_short_gmwae_run_learns_the_clusters_of_the_synthetic_set(seed):
+    """100 steps from each of two starts (val accuracy 0.71 and 0.385): the paper's GM-WAE
+    lowers its objective and ends well above chance (1/10); with augmentation consistency
+    and balance the same start separates all ten classes."""
+    def run(**options):
+        t = trainer(decoder_width=16, batch_size=64, pretrain_steps=100, pretrain_batch=256,
+                    history_every=10, seed=seed, **options)
+        t.train_steps(100)
+        return t, t.evaluate("val").metrics["val/cluster_acc"]
+
+    paper, paper_acc = run()
+    first, last = paper.history[1]["loss"], np.mean([r["loss"] for r in paper.history[-3:]])
+    assert last < first and paper_acc > 0.7, (first, last, paper_acc)
+    _, option_acc = run(consistency_weight=1.0, balance_weight=1.0)
+    assert option_acc > 0.95, option_acc
