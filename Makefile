@@ -1,17 +1,19 @@
 # gmwae-studies: set-up, demo, tests and benchmarks.
-#   make study       set up .venv, then run studies/quickstart.yaml (MNIST, both families, 14-26 min on 2 cores, by processor: README, Quickstart)
-#   make demo        set up .venv, then train a GM-WAE on scikit-learn's digits (offline, ~2 min)
+#   make study       set up .venv, then run studies/quickstart.yaml (MNIST, both families, local Ray, sqlite stores)
+#   make demo        set up .venv, then train a GM-WAE on scikit-learn's digits (offline)
 #   make test        set up .venv and the system packages (apt: chromium, postgresql), run the tests
 #   make test-quick  the same without the `slow` tests (the local multi-node clusters)
-#   make quality     benchmarks/quality.py on MNIST: 5 variants x 3 seeds x 20 min (5 h on 2 cores)
+#   make quality     benchmarks/quality.py on MNIST: 5 variants x 3 seeds x 20 min
 #   make throughput  benchmarks/throughput.py
+#   make results     docs/results.md, the README's results table and the decisions' evidence, from benchmarks/results/
+#   make docs        docs/spec.md and docs/config.md from the code's docstrings, then make results
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 DATA_DIR ?= $(if $(GMWAE_DATA_DIR),$(GMWAE_DATA_DIR),../shared/data/mnist)
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: venv sysdeps study demo test test-quick quality throughput dashboard-bench clean
+.PHONY: venv sysdeps study demo test test-quick quality throughput results docs clean
 
 # pip, not uv: torch==2.14.1 and torchvision==0.29.1 come from this machine's disk.
 $(VENV)/.installed: pyproject.toml
@@ -61,6 +63,13 @@ quality: venv
 
 throughput: venv
 	$(PY) benchmarks/throughput.py --out benchmarks/results/throughput/cpu.json
+
+results: venv
+	$(PY) benchmarks/report.py
+
+docs: venv
+	$(PY) docs/reference.py
+	$(PY) benchmarks/report.py
 
 clean:
 	rm -rf runs/ .pytest_cache

@@ -8,7 +8,7 @@ Every JSON under benchmarks/results/ opens with the same five keys, written here
     command   the command line that produced the file
     settings  what the benchmark was asked to do (budget, variants, seeds, sizes...)
 
-    from benchmarks.record import provenance
+    from record import provenance   # in a script under benchmarks/
     result = {**provenance(settings), "runs": ...}
 
 docs/results.md and the README's headline table are generated from these files

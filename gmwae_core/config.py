@@ -360,41 +360,17 @@ def parse_overrides(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-# Presets. `paper` is Section 3 of the paper and the authors' code. `cpu` keeps the
-# objective and the networks' shapes but sizes them for 2 CPU cores (README, "Choosing the
-# cpu preset: what mattered"): decoder width 64, S = 1, batch 64, a 3-dimensional z, a
-# prior overlap of 1% and a rate decaying linearly to 0 over the run's budget.
-# Width 64 is the narrowest width measured whose training step reaches half of the CPU's
-# matmul peak (54-64%; width 32, whose deconvolutions have 16 and 8 output channels:
-# 26-33%).
-# A small z makes the K modes follow the digit classes: with d = 10 the continuous z
-# carried the class and the modes split the digits along other factors (20 minutes: test
-# accuracy 0.49 at width 32); width 32 with d = 5 reached 0.65, width 64 with d = 5 0.53
-# and with d = 4 0.60, all with 10 of 10 modes (those runs pretrained on 1000 x 64 images;
-# with 200 x 64 GM-WAE kept 6-7 of 10 modes). d = 4 stayed the preset until session 23.
-# d = 3, overlap 1% (the paper's 4.6%) and the linear decay together (Li, Yumer and
-# Ramanan's budget-aware schedule; the 20-minute runs end after 4 to 8 epochs, before the
-# authors' first decay at epoch 30) took the paper's GM-WAE from 0.609 +- 0.062 (d = 4, the
-# paper's overlap, constant rate) to 0.664 +- 0.059 over seeds 0-2, 10 modes in each
-# (README, Quality, session 22; each setting alone, or the two without d = 3: 0.608-0.628).
-# The paper preset pretrains as the authors' code does (wae.py `pretrain_encoder`): 1,500
-# steps of 1,000 images, 1.5M images, the defaults of TrainConfig. The cpu preset keeps the
-# 1,000 steps of 64 images (64,000 images, 4% of the authors') that its measurements above
-# used: with the authors' 1.5M images its 20-minute GM-WAE kept only 6 of 10 modes from the
-# first epoch (test accuracy 0.389, seed 0, benchmarks/results/quality-seeds-s9.json), but
-# that run also started from PyTorch's initialisation (below). With the authors'
-# initialisation, seed 0 reached 0.572 with 9 modes against the preset's 0.675 (session 16,
-# quality-paper-authors-pretraining-s16-seed0.json): the pretraining's minutes come out of
-# the run's budget.
-# Both presets start from the authors' initialisation (N(0, 0.01^2) weights, zero biases).
-# PyTorch's, with each q(z|k,x) head given its own fan-in (bound 1/sqrt(16)), let the cpu
-# preset's GM-WAE lose 4 of its 10 modes in the first epoch (seed 0; README, "Choosing the
-# cpu preset", session 11); the authors' kept all 10. The paper preset also has the
-# authors' learning-rate decay.
-# Both presets train in fp32. bf16 networks run 1.61x faster per step on an AVX-512 BF16
-# CPU, but at equal time (20 minutes, the paper's model, seeds 0-2) they reached 0.584 on
-# average against fp32's 0.609 (README "Quality", session 14), and on AVX2 CPUs they are
-# 13x slower per step. train.precision=auto picks bf16 only where it is faster.
+# Presets. `paper` is Section 3 of the paper and the authors' code: their sizes, their
+# pretraining (1,500 steps of 1,000 images, TrainConfig's defaults), their initialisation
+# and their learning-rate decay. `cpu` keeps the objective and the networks' shapes but
+# sizes them for two CPU cores: decoder width 64 (the narrowest whose step keeps a CPU's
+# matmul units busy), S = 1, batch 64, pretraining on 1,000 steps of 64 images (the
+# authors' 1.5M images would take a large part of a short run's budget), and a small z
+# (d = 3), a prior overlap of 1% and a rate falling linearly to 0 over the run's budget
+# (its runs end long before the authors' first decay at epoch 30). Both start from the
+# authors' initialisation and train in fp32 (train.precision=auto picks bf16 only where
+# the hardware runs it faster). Why these values, the runs behind them and what is still
+# to be redone: docs/decisions/cpu-preset.md.
 PRESETS: dict[str, dict] = {
     "paper": {"model": {"init": "paper"}, "train": {"lr_schedule": "paper"}},
     "cpu": {

@@ -81,9 +81,9 @@ def prior_means(K: int, d: int, seed: int = 0) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=32)
 def _cached_placement(K: int, d: int, seed: int) -> torch.Tensor:
-    """_max_min_placement, computed once per process: its 3,000 steps take about 1.4 s (K=10,
-    d=4, the cpu preset of sessions 5-22), which every Trainer built in a process (each
-    evaluation, export and trial of a study) paid again. Callers get a clone (prior_means)."""
+    """_max_min_placement, computed once per process: its 3,000 steps take a second or more,
+    which every Trainer built in a process (each evaluation, export and trial of a study)
+    would pay again. Callers get a clone (prior_means)."""
     return _max_min_placement(K, d, seed)
 
 

@@ -141,9 +141,9 @@ def cpu_has_fast_bf16() -> bool:
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """train.precision as it runs on `device`. auto is bf16 where the networks run faster
-    in it: a CPU with oneDNN bf16 kernels (1.61x per step on an AVX-512 BF16 EPYC, README
-    "Throughput") or a CUDA GPU with bf16 (+24% for GM-WAE, +57% for GM-VAE on an H200);
-    fp32 elsewhere (on an AVX2 CPU bf16 is 13x slower per step)."""
+    in it: a CPU with oneDNN bf16 kernels or a CUDA GPU with bf16 (docs/results.md has
+    the measured steps per second); fp32 elsewhere (on a CPU without them, bf16
+    convolutions run PyTorch's reference kernels, many times slower)."""
     if precision != "auto":
         return precision
     if device.type == "cpu":

@@ -193,7 +193,7 @@ def autoscaling_config(gcs_address: str, max_workers: int, cpus: float, gpus: fl
 
 STOP_GRACE_S = 5.0
 """Seconds stop() gives the groups after SIGTERM. The MLflow server exits within one; Ray's
-`ray start --block` and its GCS shut down gracefully for more than 15 s (session 17's trace),
+`ray start --block` and its GCS can take more than 15 s to shut down gracefully,
 and none of their state outlives the cluster (its temp folders are removed, PostgreSQL is
 stopped on its own), so they get SIGKILL after this."""
 

@@ -203,7 +203,7 @@ class OnPremLoopback:
             f"{listen}\nHostKey {ssh / 'host_ed25519'}\nPidFile {ssh / 'sshd.pid'}\n"
             f"AuthorizedKeysFile {ssh / 'authorized_keys'}\nPermitRootLogin prohibit-password\n"
             f"PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
-            f"StrictModes no\nMaxStartups 100\nMaxSessions 100\n"
+            f"StrictModes no\nMaxStartups 100\nMaxSessions\t100\n"
             f"SetEnv {_PATH_ENV}={self.bin_dir}:{Path(sys.executable).parent}\n")
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation dir
         log = self.root / "logs" / "sshd.log"

@@ -108,8 +108,11 @@ class StudySpec:
     """A shipped space's name (search_spaces/NAME.yaml), a YAML file's path, or the
     parameters inline as a mapping (search_spaces: Optuna's vocabulary)."""
     dataset: str = "mnist"
+    """mnist, fashion-mnist, digits (scikit-learn's, offline) or synthetic."""
     data_dir: Optional[str] = None
+    """Folder with the dataset's IDX files (gzipped or not); None: $GMWAE_DATA_DIR."""
     preset: str = "cpu"
+    """The gmwae_core preset (cpu or paper) that fixed and searched values override."""
     fixed: dict = field(default_factory=dict)
     """RunConfig values fixed for every trial (bare or dotted keys)."""
     metric: Optional[str] = None
@@ -118,20 +121,28 @@ class StudySpec:
     mode: Optional[str] = None
     """max or min; None: the metric's own direction."""
     trials: int = 6
+    """Trials per family; every family gets the same budget."""
     points: dict = field(default_factory=dict)
     """Per family, points the search runs first, in order, after the paper point (Optuna's
     enqueued trials), each with the paper point's value of every searched key it leaves
     out: {gmwae: [{consistency_weight: 4.0, balance_weight: 1.0}]}. They count in `trials`
     (with fewer trials, the first ones run); a resumed study enqueues none."""
     max_iterations: int = 3
+    """Reports per trial: ASHA compares trials at these, and a trial ends after the last."""
     steps_per_iteration: Optional[int] = None
+    """Training steps between two reports; None: one epoch."""
     scheduler: Scheduler = field(default_factory=Scheduler)
+    """Early stopping of trials (the `scheduler.*` keys below)."""
     resources: Resources = field(default_factory=Resources)
+    """What one trial asks of the cluster (the `resources.*` keys below)."""
     max_concurrent: int = 2
+    """Trials running at once, over both families."""
     max_failures: int = 2
     """Times Tune retries a trial that died (a lost node, an error), from its last checkpoint."""
     seed: int = 0
+    """Seed of the Optuna samplers and of every trial's training."""
     storage: Storage = field(default_factory=Storage)
+    """Where the study's records live (the `storage.*` keys below; {name} is the study's name)."""
     run_families: str = "together"
     """together: both families' trials in one Tune run, sharing the cluster (each keeps its
     own Optuna study, budget and ASHA); in_turn: one family after the other."""

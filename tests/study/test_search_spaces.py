@@ -33,7 +33,7 @@ def test_every_shipped_space_samples_configs_the_core_accepts(name, family):
 
 
 def old_smoke(trial, family):
-    """search_spaces.smoke before the spaces moved to YAML (commit 787ce3d)."""
+    """The smoke space written as a define-by-run function: the YAML space must draw the same."""
     out = {}
     if family == "gmwae":
         out["lambda_mmd"] = trial.suggest_float("lambda_mmd", 1.0, 100.0, log=True)
@@ -44,7 +44,7 @@ def old_smoke(trial, family):
 
 
 def old_default(trial, family):
-    """search_spaces.default before the spaces moved to YAML (commit 787ce3d)."""
+    """The default space written as a define-by-run function: the YAML space must draw the same."""
     out = {}
     if family == "gmwae":
         out["lambda_mmd"] = trial.suggest_float("lambda_mmd", 1.0, 100.0, log=True)
