@@ -49,3 +49,41 @@ def test_no_secret_in_the_file_and_a_comment_above_every_key():
             assert above.strip().startswith("#"), f"line {i + 1} has no comment above: {line!r}"
         if line.rstrip().endswith(">-"):
             folded = indent
+
+
+@pytest.mark.parametrize("name", ["ray_cluster.yaml", "ray_cluster_onprem.yaml"])
+def test_the_heads_pkill_stops_an_mlflow_server_but_never_its_own_shell(name, tmp_path):
+    """Ray runs each setup command as `bash --login -c -i '<command>'`, whose command line
+    holds the whole text, the `nohup ... mlflow server` part too. The shipped pattern must
+    match a running server (python running .../mlflow server) and not that shell. Checked
+    with pgrep and the same pattern on real processes (pkill here could stop another
+    test's MLflow server)."""
+    import re
+    import shlex
+    import subprocess
+    import sys
+
+    config = yaml.safe_load((PATH.parent / name).read_text())
+    commands = [c for key in ("setup_commands", "head_setup_commands", "worker_setup_commands",
+                              "head_start_ray_commands", "worker_start_ray_commands")
+                for c in config.get(key) or [] if "pkill" in c]
+    assert commands, "the head stops an earlier MLflow server before starting one"
+    server = tmp_path / "venv" / "bin" / "mlflow"
+    server.parent.mkdir(parents=True)
+    server.write_text(f"#!{sys.executable}\nimport time\ntime.sleep(60)\n")
+    server.chmod(0o755)
+    for command in commands:
+        pattern = re.search(r"pkill -f ('[^']*'|\"[^\"]*\")", command)
+        assert pattern, f"a pkill without -f PATTERN: {command}"
+        pgrep = f"pgrep -f {pattern.group(1)}"
+        running = subprocess.Popen([str(server), "server", "--host", "127.0.0.1"])
+        # a shell whose command line holds the text (`; true`: bash would exec a lone sleep)
+        shell = subprocess.Popen(["bash", "-c", f"sleep 60; true # {command}"])
+        try:
+            found = {int(p) for p in subprocess.run(["bash", "-c", pgrep], capture_output=True,
+                                                    text=True).stdout.split()}
+            assert running.pid in found, (pgrep, shlex.quote(command))
+            assert shell.pid not in found, f"{name}: the pattern matches its own shell: {pgrep}"
+        finally:
+            running.kill()
+            shell.kill()
