@@ -80,6 +80,14 @@ def key_table(cls: type, prefix: str = "") -> list[str]:
     return rows
 
 
+def section_tables(sections: dict[str, type]) -> list[str]:
+    """A heading and a key table per nested dataclass: {section name: dataclass}."""
+    lines = []
+    for name, cls in sections.items():
+        lines += ["", f"## `{name}`", ""] + key_table(cls, name + ".")
+    return lines
+
+
 def metrics_table() -> list[str]:
     rows = ["| metric | better | reads labels |", "|---|---|---|"]
     for name, mode in EVAL_METRICS.items():
@@ -99,9 +107,8 @@ def spec_page() -> str:
              *inspect.cleandoc(study_spec.__doc__).split("\n", 2)[2].splitlines(), "```", "",
              "## Keys", ""]
     lines += key_table(study_spec.StudySpec)
-    for cls, prefix in ((study_spec.Scheduler, "scheduler."), (study_spec.Resources, "resources."),
-                        (study_spec.Storage, "storage.")):
-        lines += ["", f"## `{prefix[:-1]}`", ""] + key_table(cls, prefix)
+    lines += section_tables({"scheduler": study_spec.Scheduler, "resources": study_spec.Resources,
+                             "storage": study_spec.Storage})
     lines += ["", "## `metric`: the objective", "",
               "Any validation metric a trial reports; `mode` defaults to the metric's own "
               "direction. A metric that reads labels chooses models with the validation "
@@ -122,9 +129,8 @@ def config_page() -> str:
              "## `family`", "", f"One of {', '.join(f'`{f}`' for f in run_config.FAMILIES)}; "
              f"keys only some families use: " + ", ".join(
                  f"`{k}` ({', '.join(v)})" for k, v in run_config.FAMILY_ONLY.items()) + "."]
-    for cls, prefix in ((run_config.ModelConfig, "model."), (run_config.TrainConfig, "train."),
-                        (run_config.DataConfig, "data.")):
-        lines += ["", f"## `{prefix[:-1]}`", ""] + key_table(cls, prefix)
+    lines += section_tables({"model": run_config.ModelConfig, "train": run_config.TrainConfig,
+                             "data": run_config.DataConfig})
     lines += ["", "## Presets", "",
               "A preset is a set of values over the defaults above; `from_preset(NAME, "
               "overrides)` applies it. Why the cpu preset has these values: "

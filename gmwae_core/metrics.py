@@ -1,7 +1,9 @@
 """Evaluation metrics, one definition each (names are the MLflow keys, without prefix).
 
 Clustering: `cluster_acc` (Hungarian matching of clusters to labels on counts),
-`cluster_acc_greedy` (the paper's protocol on mean q(k|x) per label), `cluster_acc_many`
+`cluster_acc_greedy` (the paper's greedy map of clusters to labels, on mean q(k|x) per
+label, fitted on the split it scores: the paper's protocol, which fits the map on the
+training images and scores held-out ones, is Trainer.evaluate_paper), `cluster_acc_many`
 (each cluster takes the majority label of a fitting split), `nmi`, `ari`, `ami`.
 
 Which to compare: with K fixed at the number of classes, `cluster_acc` (the paper's
@@ -106,11 +108,12 @@ def label_by_k(labels: np.ndarray, q_k: np.ndarray, n_labels: int) -> np.ndarray
 
 def cluster_acc_greedy(labels: np.ndarray, q_k: np.ndarray,
                        k_to_label: np.ndarray | None = None) -> float:
-    """The paper's protocol (Section 3.1): give each label the k that maximises its mean
+    """The paper's greedy accuracy (Section 3.1): give each label the k that maximises its mean
     q(k|x), taking (label, k) pairs in decreasing order of that mean, one k per label;
     a point is right when its argmax k was given its label. Never above Hungarian.
     `k_to_label`: the map fitted on other images (greedy_labels), e.g. the paper's training
-    images when scoring its held-out 1,000; default: fitted on these.
+    images when scoring its held-out 1,000 (the paper's protocol); default: fitted on the
+    images it scores, which reads their labels twice and is not the paper's protocol.
     """
     labels = np.asarray(labels)
     if k_to_label is None:
