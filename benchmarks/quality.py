@@ -141,8 +141,10 @@ def merge(paths: list[str]) -> dict:
                              f"{_cpu(parts[0])}; runs of one time budget on different "
                              f"processors make different numbers of steps: merge the files "
                              f"of one processor, or measure with a step budget (--epochs).")
-    seeds = sorted({s for part in parts for s in part["settings"]["seeds"]})
-    variants = sorted({v for part in parts for v in part["settings"]["variants"]})
+    # The seeds and variants the merged runs hold (a part written after each seed may hold
+    # fewer than its command asked for).
+    seeds = sorted({int(s) for part in parts for runs in part["runs"].values() for s in runs})
+    variants = sorted({v for part in parts for v in part["runs"]})
     out = {**provenance({**parts[0]["settings"], "seeds": seeds, "variants": variants}),
            **{k: parts[0].get(k) for k in (*same, "K", "torch_threads")}}
     out["machine"] = parts[0]["machine"]
