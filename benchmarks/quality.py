@@ -149,7 +149,8 @@ def merge(paths: list[str]) -> dict:
            **{k: parts[0].get(k) for k in (*same, "K", "torch_threads")}}
     out["machine"] = parts[0]["machine"]
     out["variants"], out["runs"], out["kmeans"] = {}, {}, {}
-    out["sources"] = [{"file": p, **{k: part[k] for k in ("date", "commit", "command")}}
+    # Each part's own provenance: under a step budget the parts may come from other machines.
+    out["sources"] = [{"file": p, **{k: part[k] for k in ("date", "commit", "machine", "command")}}
                       for p, part in zip(paths, parts)]
     trained_with: dict[str, tuple[str, dict]] = {}  # variant -> (file, a run's config)
     for path, part in zip(paths, parts):

@@ -160,6 +160,7 @@ def test_quality_rejects_bad_variants_settings_and_merges_before_training(tmp_pa
     merged = json.loads((tmp_path / "m.json").read_text())
     assert set(merged["runs"]["consistency"]) == {"0", "1"} and merged["budget_epochs"] == 8
     assert [s["commit"] for s in merged["sources"]] == ["abc1234", "abc1234"]
+    assert [s["machine"]["processor"] for s in merged["sources"]] == ["Intel Xeon", "AMD EPYC"]
 
 
 def test_throughput_smoke_reports_flops_against_a_measured_peak(tmp_path):
