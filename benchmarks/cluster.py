@@ -111,6 +111,7 @@ def autoscaled_run(cluster, name: str, mode: str, trials: int, steps: int) -> di
 
 def autoscaling(out: Path, trials: int, steps: int, idle_minutes: float = 0.25,
                 argv: list[str] | None = None) -> dict:
+    """`argv`: main()'s arguments, for the results file's command."""
     from study.local_cluster import LocalCluster
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -125,7 +126,7 @@ def autoscaling(out: Path, trials: int, steps: int, idle_minutes: float = 0.25,
         finally:
             cluster.stop()
     result = {**provenance({"study": "studies/smoke.yaml", "trials_per_family": trials,
-                            "steps": steps, "idle_minutes": idle_minutes}, argv=argv),
+                            "steps": steps, "idle_minutes": idle_minutes}, __file__, argv),
               "study": "studies/smoke.yaml", "trials_per_family": trials, "steps": steps,
               "cluster_startup_seconds": startup_s, "runs": runs}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -155,8 +156,7 @@ def main(argv=None) -> int:
     if not args.static:
         # the smoke run's workers go after 6 s idle (the benchmark's after 15 s)
         autoscaling(out, 2 if args.smoke else args.trials, 10 if args.smoke else args.steps,
-                    0.1 if args.smoke else 0.25,
-                    None if argv is None else ["benchmarks/cluster.py", *map(str, argv)])
+                    0.1 if args.smoke else 0.25, argv)
         return 0
     from study.local_cluster import LocalCluster
 
@@ -180,7 +180,7 @@ def main(argv=None) -> int:
         finally:
             cluster.stop()
     result = {**provenance({"study": "studies/smoke.yaml", "workers": 2, "cpus_per_worker": 1},
-                           argv=None if argv is None else ["benchmarks/cluster.py", *argv]),
+                           __file__, argv),
               "study": "studies/smoke.yaml", "local_ray_seconds": local_s,
               "cluster_seconds": cluster_s, "cluster_startup_seconds": startup_s,
               "ratio": cluster_s / local_s}

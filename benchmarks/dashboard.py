@@ -122,7 +122,7 @@ def main(argv=None) -> int:
             times.append(time.monotonic() - start)
         size_mb = html.stat().st_size / 1e6
     result = {**provenance({"trials": args.trials, "steps": args.steps, "repeats": args.repeats},
-                           argv=None if argv is None else ["benchmarks/dashboard.py", *argv]),
+                           __file__, argv),
               "trials": args.trials, "steps": args.steps, "store_write_seconds": written,
               "build_seconds": times, "build_seconds_median": sorted(times)[len(times) // 2],
               "size_mb": size_mb,

@@ -289,8 +289,8 @@ def main(argv=None) -> int:
     print(json.dumps(info), flush=True)
     settings = {"sections": wanted, "smoke": args.smoke, "paper_seconds": args.paper_seconds,
                 "paper_variants": args.paper_variants.split(","), "overrides": overrides}
-    result = {**provenance(settings, gpu=info["device"] if info["device"] != "cpu" else None,
-                           argv=None if argv is None else ["benchmarks/gpu_check.py", *map(str, argv)]),
+    result = {**provenance(settings, __file__, argv,
+                           gpu=info["device"] if info["device"] != "cpu" else None),
               "info": info}
     sections = [("memory", lambda: memory_rows(args.smoke)),
                 ("syncs", lambda: sync_rows(args.smoke)),

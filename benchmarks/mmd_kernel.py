@@ -91,8 +91,8 @@ def main(argv=None) -> int:
     rows = [kernel_row(n, device, 0.2 if args.smoke else args.seconds) for n in sizes]
     settings = {"sizes": list(sizes), "seconds": args.seconds, "device": args.device,
                 "latent_dim": LATENT_DIM, "smoke": args.smoke}
-    record = provenance(settings, gpu=info["device"] if device.type == "cuda" else None,
-                        argv=None if argv is None else ["benchmarks/mmd_kernel.py", *map(str, argv)])
+    record = provenance(settings, __file__, argv,
+                        gpu=info["device"] if device.type == "cuda" else None)
     Path(args.out).write_text(json.dumps({**record, "info": info, "rows": rows}, indent=2))
     print(json.dumps(info))
     print(f"{'codes':>7}{'eager ms':>10}{'fused ms':>10}{'speed-up':>10}{'compile s':>11}"

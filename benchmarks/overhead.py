@@ -109,7 +109,8 @@ def main() -> int:
         two_at_a_time, two_span = platform(make_spec(args, tmp, "par1cpu", 1, 2))
         ray.shutdown()
     result = {
-        **provenance({"trials": args.trials, "steps_per_trial": args.steps, "smoke": args.smoke}),
+        **provenance({"trials": args.trials, "steps_per_trial": args.steps, "smoke": args.smoke},
+                     __file__),
         "trials": args.trials, "steps_per_trial": args.steps, "smoke": args.smoke,
         "ray_init_seconds": ray_init,
         "sequential": {"direct_seconds": seq_direct, "platform_seconds": seq_platform,

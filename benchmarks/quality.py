@@ -145,7 +145,7 @@ def merge(paths: list[str]) -> dict:
     # fewer than its command asked for).
     seeds = sorted({int(s) for part in parts for runs in part["runs"].values() for s in runs})
     variants = sorted({v for part in parts for v in part["runs"]})
-    out = {**provenance({**parts[0]["settings"], "seeds": seeds, "variants": variants}),
+    out = {**provenance({**parts[0]["settings"], "seeds": seeds, "variants": variants}, __file__),
            **{k: parts[0].get(k) for k in (*same, "K", "torch_threads")}}
     out["machine"] = parts[0]["machine"]
     out["variants"], out["runs"], out["kmeans"] = {}, {}, {}
@@ -253,7 +253,7 @@ def main() -> int:
                 "preset": "cpu", "variants": variants, "seeds": seeds,
                 "overrides": parse_overrides(args.overrides), "dataset": cfg.data.dataset,
                 "eval_size": cfg.data.eval_size, "torch_threads": torch.get_num_threads()}
-    results: dict = {**provenance(settings),
+    results: dict = {**provenance(settings, __file__),
                      "budget_minutes": cfg.train.minutes, "budget_epochs": settings["budget_epochs"],
                      "preset": "cpu",
                      "data": {"dataset": cfg.data.dataset, "eval_size": cfg.data.eval_size},

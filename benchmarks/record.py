@@ -9,7 +9,7 @@ Every JSON under benchmarks/results/ opens with the same five keys, written here
     settings  what the benchmark was asked to do (budget, variants, seeds, sizes...)
 
     from record import provenance   # in a script under benchmarks/
-    result = {**provenance(settings), "runs": ...}
+    result = {**provenance(settings, __file__, argv), "runs": ...}
 
 docs/results.md and the README's headline table are generated from these files
 (benchmarks/report.py, `make results`).
@@ -81,21 +81,21 @@ def commit() -> str:
     return head + ("+dirty" if dirty else "")
 
 
-def command(argv: Optional[list[str]] = None) -> str:
-    """The command line as a user would type it from the repository's root."""
-    argv = list(sys.argv if argv is None else argv)
-    if argv and argv[0].endswith(".py"):
-        try:
-            argv[0] = str(Path(argv[0]).resolve().relative_to(_ROOT))
-        except ValueError:
-            pass
-        argv = ["python", *argv]
-    return shlex.join(argv)
+def command(script: str, args: Optional[list] = None) -> str:
+    """`python SCRIPT ARGS` as a user would type it from the repository's root; `args`:
+    the arguments a script's main() was given, None for those of this process."""
+    path = Path(script).resolve()
+    try:
+        path = path.relative_to(_ROOT)
+    except ValueError:
+        pass
+    return shlex.join(["python", str(path), *map(str, sys.argv[1:] if args is None else args)])
 
 
-def provenance(settings: dict[str, Any], gpu: Optional[str] = None,
-               argv: Optional[list[str]] = None) -> dict[str, Any]:
-    """The five keys of PROVENANCE_KEYS for a file measured now, on this machine."""
+def provenance(settings: dict[str, Any], script: str, args: Optional[list] = None,
+               gpu: Optional[str] = None) -> dict[str, Any]:
+    """The five keys of PROVENANCE_KEYS for a file `script` measures now, on this machine:
+    `provenance(settings, __file__, argv)` in a benchmark's main(argv)."""
     return {"date": datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
-            "commit": commit(), "machine": machine(gpu), "command": command(argv),
+            "commit": commit(), "machine": machine(gpu), "command": command(script, args),
             "settings": settings}

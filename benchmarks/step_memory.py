@@ -86,8 +86,7 @@ def main(argv=None) -> int:
     gpu = shipped()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    record = provenance({"configurations": "smoke" if args.smoke else "full"},
-                        argv=None if argv is None else ["benchmarks/step_memory.py", *argv])
+    record = provenance({"configurations": "smoke" if args.smoke else "full"}, __file__, argv)
     out.write_text(json.dumps({**record, "cpu_steps": rows, "gpu_estimates": gpu}, indent=2))
     print(f"{'family':<7}{'width':>6}{'B':>5}{'K':>4}{'S':>3}{'N':>7}{'measured MiB':>14}"
           f"{'estimated MiB':>15}{'ratio':>7}")

@@ -217,7 +217,7 @@ def main() -> int:
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else None
     settings = {"presets": presets, "steps": args.steps, "paper_steps": args.paper_steps,
                 "device": str(device), "smoke": args.smoke}
-    result = {**provenance(settings, gpu=gpu),
+    result = {**provenance(settings, __file__, gpu=gpu),
               "device": str(device), "gpu": gpu,
               "threads": torch.get_num_threads(),
               "matmul_peak_gflops": peak, "results": rows}
