@@ -248,6 +248,12 @@ def sections() -> list[tuple[str, str, str]]:
     ]
 
 
+def check_record() -> None:
+    """Every file of the record, quoted or not, carries the provenance keys."""
+    for path in sorted(RESULTS.rglob("*.json")):
+        load(path.relative_to(RESULTS).as_posix())
+
+
 def results_page() -> str:
     parts = ["# Results",
              "",
@@ -267,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="write nothing; exit 1 when a generated page or table is stale")
     args = p.parse_args(argv)
     try:
+        check_record()
         wanted = {PAGE: results_page() + "\n"}
         wanted.update({path: fill(path, path.read_text(), tables)
                        for path, tables in blocks().items()})
