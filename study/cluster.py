@@ -30,7 +30,7 @@ from .spec import SpecError
 
 __all__ = ["ClusterError", "NodeType", "ClusterShape", "read_cluster_shape", "check_trial_fits",
            "CLUSTER_CONFIG_ENV", "format_resources", "check_storage_reachable", "NodeWait",
-           "size_gpu_share"]
+           "size_gpu_share", "NoCudaStop"]
 
 CLUSTER_CONFIG_ENV = "GMWAE_CLUSTER_CONFIG"
 _SHOWN = ("CPU", "GPU")
@@ -373,6 +373,34 @@ class NodeWait(tune.Callback):
             print(f"waiting {waited:.0f} s for nodes: {pending} trial(s) pending, each asking "
                   f"{format_resources(self.bundle)}; {self.shape().describe()}",
                   file=sys.stderr, flush=True)
+
+
+class NoCudaStop(tune.Callback):
+    """Stops the study at the first trial that asked for a GPU and found no CUDA device
+    (study.trainable.require_cuda), before Tune retries it or starts the next: every trial
+    on that node would fail the same way. The trial's message is kept in `error`."""
+
+    def __init__(self):
+        self.error: Optional[ClusterError] = None
+
+    def _check(self, trial) -> None:
+        from .trainable import NO_CUDA
+
+        error = trial.get_error()
+        text = str(error) if error is not None else ""
+        if NO_CUDA not in text:
+            return
+        message = next((line.split(f"{NO_CUDA}: ", 1)[1] for line in text.splitlines()
+                        if f"{NO_CUDA}: " in line), text.strip().splitlines()[-1])
+        self.error = ClusterError(f"{message} Finished trials stay recorded; fix the node's "
+                                  f"torch or the spec, then `gmwae study resume`.")
+        raise self.error
+
+    def on_trial_recover(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        self._check(trial)
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        self._check(trial)
 
 
 def _sized(params: dict[str, Any]) -> str:

@@ -191,7 +191,7 @@ def _run_group(spec: StudySpec, parts: dict[str, dict[str, Any]], fn: Callable,
     """One Tune run over the given families' trials (see study.together for several)."""
     from ray import tune
 
-    from .cluster import NodeWait
+    from .cluster import NoCudaStop, NodeWait
     from .together import ByFamily, FamilyScheduler, FamilySearch
 
     families = list(parts)
@@ -211,6 +211,7 @@ def _run_group(spec: StudySpec, parts: dict[str, dict[str, Any]], fn: Callable,
         name = spec.name
     wait = NodeWait(spec.node_wait_minutes, trial_bundle(spec),
                     f"{spec.name}/{'+'.join(families)}")
+    no_cuda = NoCudaStop()
     tuner = tune.Tuner(
         tune.with_resources(trial_fn, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}),
         tune_config=tune.TuneConfig(metric=spec.objective.metric, mode=spec.objective.mode,
@@ -222,7 +223,8 @@ def _run_group(spec: StudySpec, parts: dict[str, dict[str, Any]], fn: Callable,
                                     # import or data load per trial
                                     reuse_actors=True),
         run_config=tune.RunConfig(
-            name=name, storage_path=ray_storage, verbose=verbose, callbacks=[*callbacks, wait],
+            name=name, storage_path=ray_storage, verbose=verbose,
+            callbacks=[*callbacks, wait, no_cuda],
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute=spec.objective.metric,
@@ -230,11 +232,13 @@ def _run_group(spec: StudySpec, parts: dict[str, dict[str, Any]], fn: Callable,
     try:
         tuner.fit()
     except Exception:
-        if wait.error is not None:  # the cluster never gave the trials a node
-            raise wait.error from None
+        for stop in (wait, no_cuda):  # no node for the trials, or a GPU node without CUDA
+            if stop.error is not None:
+                raise stop.error from None
         raise
-    if wait.error is not None:
-        raise wait.error
+    for stop in (wait, no_cuda):
+        if stop.error is not None:
+            raise stop.error
 
 
 def _families_trainable(fn: Callable, setups: dict[str, Any]) -> Callable:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,49 @@ from gmwae_core.figures import write_figures
 
 from .search import ITERATION, RESUME_FROM, private_keys_removed
 
-__all__ = ["TrialSetup", "cached_splits", "train_trial"]
+__all__ = ["TrialSetup", "cached_splits", "train_trial", "NoCudaError", "require_cuda",
+           "NO_CUDA"]
+
+NO_CUDA = "NoCudaError"
+"""The name a trial's error carries when it asked for a GPU and found no CUDA device (the
+driver's NoCudaStop reads it in the trial's error text and stops the study)."""
+
+
+class NoCudaError(RuntimeError):
+    """A trial that asks for a GPU found no CUDA device on its node."""
+
+
+def require_cuda(gpu: float, device: str) -> None:
+    """NoCudaError when a trial asks for `gpu` > 0 and its node's torch sees no CUDA device,
+    unless the spec chose `device: cpu` itself (then the GPU share is deliberate: a fake-GPU
+    test cluster, or a GPU node kept for another job). `device: auto` would otherwise train
+    on the node's CPU threads without a word, at a fraction of the speed the study paid for."""
+    import socket
+
+    import torch
+
+    if gpu <= 0 or device == "cpu" or torch.cuda.is_available():
+        return
+    build = (f"CUDA {torch.version.cuda}" if torch.version.cuda else
+             "a CPU-only build" if not getattr(torch.version, "hip", None) else
+             f"ROCm {torch.version.hip}")
+    raise NoCudaError(
+        f"A trial asks resources.gpu {gpu:g}, but node {socket.gethostname()} "
+        f"({_node_ip()}) has no CUDA device visible to torch {torch.__version__} ({build}; "
+        f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')}). Install "
+        f"the torch build the node's NVIDIA driver runs (`nvidia-smi` shows the highest CUDA "
+        f"version the driver supports; ray_cluster.yaml pins the build, docs/cluster.md says "
+        f"how to change both), or train on CPUs deliberately with `fixed: {{device: cpu}}` in "
+        f"the spec.")
+
+
+def _node_ip() -> str:
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:  # noqa: BLE001 - outside Ray: the hostname alone names the node
+        return "no Ray node"
 
 
 @dataclass(frozen=True)
@@ -49,6 +92,7 @@ def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
 
     torch.set_num_threads(max(1, int(setup.spec.resources.cpu)))
     cfg = setup.spec.run_config(setup.family, private_keys_removed(config))
+    require_cuda(setup.spec.resources.gpu, cfg.train.device)
     trainer = Trainer(cfg, cached_splits(cfg.data))
     checkpoint: Optional[tune.Checkpoint] = tune.get_checkpoint()
     if checkpoint is None and config.get(RESUME_FROM):  # cut off by a killed driver

@@ -62,7 +62,7 @@ def test_a_study_scales_the_cluster_up_from_zero_survives_a_lost_worker_and_scal
     # A shipped spec, unedited: the cluster's stores and fractional GPUs from --set. The
     # project is installed in the venv every node runs from, so no --working-dir (the fake
     # nodes share the head's temp folder, where a joining node would clear the job's copy).
-    sets = [*cluster.study_sets(), "resources.gpu=0.5", "resources.cpu=0.5",
+    sets = [*cluster.study_sets(), "resources.gpu=0.5", "resources.cpu=0.5", "fixed.device=cpu",
             f"trials={TRIALS}", "max_iterations=3", "steps_per_iteration=40",
             "scheduler.type=none"]
     command = [RAY, "job", "submit", "--address", cluster.dashboard_url, "--no-wait", "--",
@@ -130,3 +130,22 @@ def test_a_trial_bigger_than_every_node_type_is_refused_before_any_trial(cluster
            "max_workers 2] from the autoscaler's config" in done.stderr
     with pytest.raises(KeyError):
         optuna.load_study(study_name="too-big/gmwae", storage=cluster.optuna_url(True))
+
+
+def test_a_gpu_study_on_workers_without_cuda_fails_at_once_saying_so(cluster, tmp_path):
+    """The fake GPUs have no CUDA: without `device: cpu` the first trial stops the study,
+    the command exits non-zero with a message and no traceback."""
+    sets = [*cluster.study_sets(), "resources.gpu=0.5", "resources.cpu=0.5", "trials=2",
+            "max_iterations=1", "steps_per_iteration=5", "families=[gmwae]"]
+    done = subprocess.run([GMWAE, "study", "run", str(ROOT / "studies/smoke.yaml"), "--address",
+                           cluster.ray_address, "--name", "nocuda", "--quiet",
+                           *[a for s in sets for a in ("--set", s)]],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env=cluster.env())
+    assert done.returncode != 0, done.stdout[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "has no CUDA device visible to torch" in done.stderr, done.stderr[-3000:]
+    assert "`fixed: {device: cpu}`" in done.stderr
+    trials = optuna.load_study(study_name="nocuda/gmwae",
+                               storage=cluster.optuna_url(with_password=True)).trials
+    assert trials and not any(t.state.name == "COMPLETE" for t in trials)
