@@ -25,6 +25,8 @@ PAPER_HELD_OUT = 1000
 """The paper's test set (Section 3.1): the last 1,000 of the pooled images."""
 
 DATA_DIR_ENV = "GMWAE_DATA_DIR"
+STAGED_MARK = ".complete"
+"""Written last into a downloaded data folder: the folder is whole."""
 IDX_FILES = {
     "train_images": "train-images-idx3-ubyte",
     "train_labels": "train-labels-idx1-ubyte",
@@ -117,20 +119,41 @@ def _from_idx_folder(folder: Path) -> tuple[np.ndarray, ...]:
 
 
 def _from_torchvision(dataset: str) -> tuple[np.ndarray, ...]:
-    """The download path for users with internet (torchvision's own mirrors)."""
+    """The download path for users with internet (torchvision's own mirrors), once per
+    machine: the first process downloads into a staging folder under a lock and renames it
+    into place; every other process (the trials starting together on a node) waits for the
+    lock and reads the finished folder. A folder never holds a partial download."""
+    import fcntl
+    import shutil
+    import tempfile
+
     import torchvision
 
-    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gmwae" / dataset
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gmwae"
+    root = cache / dataset
     cls = {"mnist": torchvision.datasets.MNIST,
            "fashion-mnist": torchvision.datasets.FashionMNIST}[dataset]
-    try:
-        train = cls(str(root), train=True, download=True)
-        test = cls(str(root), train=False, download=True)
-    except Exception as e:  # noqa: BLE001 - any network or file failure means the same to the user
-        raise DataError(
-            f"No data folder was given for {dataset} and torchvision could not download it "
-            f"({type(e).__name__}: {e}). Pass --data-dir DIR (or set {DATA_DIR_ENV}) to a folder "
-            f"with the four IDX files, or use --dataset digits, which needs no files.") from None
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / f".{dataset}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / STAGED_MARK).is_file():
+            staging = Path(tempfile.mkdtemp(prefix=f".{dataset}-staging-", dir=cache))
+            try:
+                cls(str(staging), train=True, download=True)
+                cls(str(staging), train=False, download=True)
+                (staging / STAGED_MARK).write_text("")
+                shutil.rmtree(root, ignore_errors=True)  # a folder some earlier code left
+                os.rename(staging, root)
+            except Exception as e:  # noqa: BLE001 - any network or file failure means the same
+                raise DataError(
+                    f"No data folder was given for {dataset} and torchvision could not download "
+                    f"it ({type(e).__name__}: {e}). Pass --data-dir DIR (or set {DATA_DIR_ENV}) "
+                    f"to a folder with the four IDX files, or use --dataset digits, which needs "
+                    f"no files.") from None
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+    train = cls(str(root), train=True, download=False)
+    test = cls(str(root), train=False, download=False)
     return (train.data.numpy(), train.targets.numpy(), test.data.numpy(), test.targets.numpy())
 
 

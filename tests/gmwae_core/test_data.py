@@ -1,5 +1,9 @@
 import gzip
+import os
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,3 +89,89 @@ def test_real_mnist_folder_loads_with_the_expected_shapes_and_statistics():
     assert (len(s.train_x), len(s.val_x), len(s.test_x)) == (55000, 5000, 10000)
     assert float(torch.cat([s.train_x, s.val_x]).mean()) == pytest.approx(0.1307, abs=5e-4)
     assert torch.bincount(s.test_y).tolist()[:2] == [980, 1135]
+
+
+def mnist_files() -> Path:
+    """The MNIST files beside the project (../shared/data/mnist), else $GMWAE_DATA_DIR."""
+    folder = Path(__file__).parents[3] / "shared" / "data" / "mnist"
+    if (folder / "train-images-idx3-ubyte.gz").is_file():
+        return folder
+    return Path(os.environ["GMWAE_DATA_DIR"])
+
+
+MIRROR_CLIENT = """
+import hashlib, sys, torchvision
+from pathlib import Path
+from gmwae_core.config import DataConfig
+from gmwae_core.data import load_splits
+mirror, files = sys.argv[1], Path(sys.argv[2])
+torchvision.datasets.MNIST.mirrors = [mirror]
+torchvision.datasets.MNIST.resources = [
+    (name, hashlib.md5((files / name).read_bytes()).hexdigest())
+    for name, _ in torchvision.datasets.MNIST.resources]
+splits = load_splits(DataConfig(dataset="mnist", val_size=100))
+print(len(splits.train_x) + len(splits.val_x), len(splits.test_x))
+"""
+
+
+def test_concurrent_loads_without_a_data_folder_download_once_and_never_see_a_partial_folder(
+        tmp_path):
+    """Four processes that start together on one node (a node's trials) and find no data
+    folder: one downloads from the mirror, the others wait and read its finished folder."""
+    import functools
+    import http.server
+    import threading
+
+    from gmwae_core.data import STAGED_MARK
+
+    mnist = mnist_files()
+    served = []
+
+    class Mirror(http.server.SimpleHTTPRequestHandler):
+        """Counts downloads: torchvision probes each URL for redirects first, with a GET
+        that carries a `Method: HEAD` header and is dropped unread; those are not counted."""
+
+        def do_GET(self):
+            if self.headers.get("Method") != "HEAD":
+                served.append(self.path)
+            try:
+                return super().do_GET()
+            except ConnectionError:
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Mirror, directory=str(mnist)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {k: v for k, v in os.environ.items() if k != "GMWAE_DATA_DIR"}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
+    try:
+        procs = [subprocess.Popen([sys.executable, "-c", MIRROR_CLIENT,
+                                   f"http://127.0.0.1:{server.server_port}/", str(mnist)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env=env) for _ in range(4)]
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        server.shutdown()
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    assert [out.split() for out, _ in outs] == [["60000", "10000"]] * 4
+    assert sorted(served) == sorted(f"/{name}" for name in (
+        "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"))  # each file once
+    cache = tmp_path / "cache" / "gmwae"
+    assert (cache / "mnist" / STAGED_MARK).is_file()
+    assert sorted(p.name for p in cache.iterdir()) == [".mnist.lock", "mnist"]  # no staging left
+
+
+def test_a_failed_download_leaves_no_folder_behind_and_says_what_to_do(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "GMWAE_DATA_DIR"}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
+    done = subprocess.run([sys.executable, "-c", MIRROR_CLIENT, "http://127.0.0.1:9/",
+                           str(mnist_files())], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode != 0
+    assert "torchvision could not download it" in done.stderr
+    assert "Pass --data-dir DIR (or set GMWAE_DATA_DIR)" in done.stderr
+    cache = tmp_path / "cache" / "gmwae"
+    assert sorted(p.name for p in cache.iterdir()) == [".mnist.lock"]
