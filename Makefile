@@ -16,22 +16,29 @@ export RAY_USAGE_STATS_ENABLED := 0
 .PHONY: venv sysdeps study demo test test-quick quality throughput results docs clean
 
 # pip, not uv: torch==2.14.1 and torchvision==0.29.1 come from this machine's disk.
+# The venv also gets cluster/node_setup.sh's marker (the hash of this folder and
+# pyproject.toml): the on-prem loopback cluster's nodes run from it, and the shipped setup
+# then installs nothing into it.
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
+	rm -f $(VENV)/.deps-*
+	touch $(VENV)/.deps-$$( { printf '%s\n' "$(CURDIR)"; cat pyproject.toml; } | sha256sum | cut -c1-12)
 	touch $@
 
 venv: $(VENV)/.installed
 
 # System packages the tests use: Debian's chromium (the dashboard is checked in it),
-# PostgreSQL (the local cluster's Optuna storage), OpenSSH's server and rsync (`ray up` of
+# PostgreSQL (the local cluster's Optuna storage), sudo (the shipped head setup runs
+# PostgreSQL as its user), OpenSSH's server and rsync (`ray up` of
 # the on-prem form over SSH on loopback addresses). Installed with apt when missing.
 sysdeps:
 	@missing=""; \
 	test -x /usr/bin/chromium || missing="$$missing chromium"; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	test -x /usr/sbin/sshd || missing="$$missing openssh-server"; \
+	test -x /usr/bin/sudo || missing="$$missing sudo"; \
 	command -v rsync >/dev/null || missing="$$missing rsync"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing$$missing (apt)"; \

@@ -5,29 +5,30 @@ loopback addresses standing in for the lab's machines.
     ray up -y runs/onprem/cluster.yaml                       # head 127.0.0.2, worker 127.0.0.3
     ray job submit --address http://127.0.0.1:PORT -- gmwae study run ... (printed by `up`)
     ray down -y runs/onprem/cluster.yaml
-    python -m study.onprem_loopback down --dir runs/onprem   # sshd and leftovers, by pid
+    python -m study.onprem_loopback down --dir runs/onprem   # sshd, stores, leftovers, by pid
 
 `up` starts Debian's OpenSSH server on 127.0.0.2 and up (port 22: Ray's local provider
 has no port setting) with a key of its own in DIR, and writes DIR/cluster.yaml: the
-shipped on-premises file with the addresses, the login and the parts that differ when
-every "machine" is this one replaced:
+shipped on-premises file with its addresses, login and folders replaced, and nothing
+else. Its setup and start commands are the shipped ones (the scripts in cluster/): `ray
+up` runs them over SSH, and they install nothing into this checkout's venv when it holds
+their marker (`make venv` writes it), start PostgreSQL and the MLflow server on the head,
+and start each node's Ray. What differs because every "machine" is this one is settings
+only, in DIR/cluster.env (cluster/settings.sh reads it; sshd points every session at it):
 
-- the nodes run this checkout's venv (nothing to copy or install: no file_mounts, no
-  setup), each `ray start` with its own fixed ports (a block per node, from 20000) and
-  temp folder;
+- folders: the project is this checkout, the venv this one, the head's state (PostgreSQL's
+  data, MLflow's artifacts) a folder under /tmp, the secrets DIR/secrets;
+- ports: the stores' and each node's Ray ports are fixed, a block per node from 20000,
+  each node with a temp folder of its own and its own --node-ip-address;
 - `ray` on the nodes' PATH is DIR/bin/ray, which passes everything to Ray except
   `ray stop`: Ray's stops every Ray process on the machine; this one stops the Ray of
   the node the SSH session reached (SSH_CONNECTION names it) and, on the head, of the
   whole cluster. So `ray down` stops this cluster, workers included, and leaves other
-  Ray clusters on the machine alone. (Ray's `ray down` of a local-provider cluster runs
-  `ray stop` on the head only; on one machine the workers' leftover processes, whose
-  command lines name the head's GCS address, made the next `ray up` fail: `ray start
-  --head` took them for a GCS already running there.)
+  Ray clusters on the machine alone.
 
-The head's start command is the shipped one's (v1 autoscaler: see the comment in
-ray_cluster_onprem.yaml). `ray up` leaves on the head what it leaves on any head:
-~/ray_bootstrap_config.yaml and ~/ray_bootstrap_key.pem, here in this machine's home;
-`down` restores whatever was there before.
+`ray up` leaves on the head what it leaves on any head: ~/ray_bootstrap_config.yaml and
+~/ray_bootstrap_key.pem, here in this machine's home; `down` restores whatever was there
+before, and stops the head's PostgreSQL and MLflow server.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ import getpass
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -47,13 +49,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .local_cluster import ClusterError, node_port_base, node_ports
+from .local_cluster import ClusterError, _pg_bin, node_port_base, node_ports
 
 __all__ = ["OnPremLoopback", "HEAD_IP", "SHIPPED_CONFIG"]
 
-SHIPPED_CONFIG = Path(__file__).resolve().parents[1] / "ray_cluster_onprem.yaml"
+PROJECT = Path(__file__).resolve().parents[1]
+SHIPPED_CONFIG = PROJECT / "ray_cluster_onprem.yaml"
+SHIPPED_PROJECT = "~/gmwae-studies"
+"""Where the shipped file puts the project on a node (its file_mounts and commands)."""
+SHIPPED_SECRETS = "~/.gmwae/secrets"
 HEAD_IP = "127.0.0.2"
 _PATH_ENV = "GMWAE_LOOPBACK_PATH"
+_SETTINGS_ENV = "GMWAE_CLUSTER_ENV"
 _BASHRC_MARK = "# gmwae onprem loopback (study/onprem_loopback.py)"
 _BOOTSTRAP = ("ray_bootstrap_config.yaml", "ray_bootstrap_key.pem")
 # The head's own ports, after its node services in its block (local_cluster.node_port_base):
@@ -61,6 +68,16 @@ _BOOTSTRAP = ("ray_bootstrap_config.yaml", "ray_bootstrap_key.pem")
 # their commands, and a free port found at `up` could be taken by then (the worker's start
 # then fails for good: Ray's local provider does not retry it).
 _HEAD_PORTS = {"gcs": 6, "dashboard": 7, "ray-client-server": 8}
+# The head's stores, in the block after the last worker's (workers are 127.0.0.3-10).
+_STORE_PORTS = {"postgres": node_port_base(9), "mlflow": node_port_base(9) + 1}
+
+
+def venv_marker(venv: Path, project: Path = PROJECT) -> Path:
+    """The file cluster/node_setup.sh finds in a venv that already holds the project's
+    dependencies (the hash of the project's folder and pyproject.toml; `make venv` writes
+    it too)."""
+    digest = hashlib.sha256(f"{project}\n".encode() + (project / "pyproject.toml").read_bytes())
+    return venv / f".deps-{digest.hexdigest()[:12]}"
 
 
 def _worker_ips(workers: int) -> list[str]:
@@ -72,23 +89,27 @@ class LoopbackState:
     root: str
     cluster_name: str = ""
     workers: int = 1
-    cpus_per_worker: float = 2
     sshd_pid: int = 0
     temp_root: str = ""
     """Short folder under /tmp with one Ray temp folder per node (Ray's sockets live there)."""
+    state_root: str = ""
+    """The head's GMWAE_STATE (PostgreSQL's data, MLflow's artifacts): under /tmp, where the
+    `postgres` user reaches it, and apart from temp_root, whose paths mark Ray's processes."""
     gcs_port: int = 0
     dashboard_port: int = 0
+    pg_port: int = 0
+    mlflow_port: int = 0
     saved_bootstrap: dict = field(default_factory=dict)
     """~/ray_bootstrap_* files that existed before `up` (name: content), put back by `down`."""
 
 
 class OnPremLoopback:
-    def __init__(self, root: str | Path, workers: int = 1, cpus_per_worker: float = 2):
+    def __init__(self, root: str | Path, workers: int = 1):
         self.root = Path(root).resolve()
         if not 1 <= workers <= 8:
             raise ClusterError(f"--workers must be 1..8 (127.0.0.3 to 127.0.0.10), got {workers}.")
         name = "gmwae-onprem-" + hashlib.sha1(str(self.root).encode()).hexdigest()[:6]
-        self.state = LoopbackState(str(self.root), name, workers, cpus_per_worker)
+        self.state = LoopbackState(str(self.root), name, workers)
 
     # ------------------------------------------------------------------ paths
     @property
@@ -104,6 +125,22 @@ class OnPremLoopback:
         return self.root / "bin"
 
     @property
+    def settings_path(self) -> Path:
+        return self.root / "cluster.env"
+
+    @property
+    def secrets_dir(self) -> Path:
+        return self.root / "secrets"
+
+    @property
+    def state_dir(self) -> str:
+        return self.state.state_root
+
+    @property
+    def pg_password(self) -> str:
+        return (self.secrets_dir / "pg_password").read_text().strip()
+
+    @property
     def dashboard_url(self) -> str:
         return f"http://127.0.0.1:{self.state.dashboard_port}"
 
@@ -115,10 +152,16 @@ class OnPremLoopback:
         return f"{self.state.temp_root}/n{ip.rsplit('.', 1)[1]}"
 
     def stores(self) -> dict[str, str]:
-        stores = self.root / "stores"
-        return {"optuna": f"sqlite:///{stores}/{{name}}/optuna.db",
-                "mlflow": f"sqlite:///{stores}/{{name}}/mlflow.db",
-                "ray": f"{stores}/{{name}}/ray"}
+        """The head's stores, as the shipped head setup starts them: PostgreSQL (the password
+        from the drivers' environment, as studies/paper-cluster.yaml names it) and the MLflow
+        server; checkpoints in DIR/stores/NAME/ray."""
+        return {"optuna": "postgresql://gmwae:${GMWAE_PG_PASSWORD}@127.0.0.1:"
+                          f"{self.state.pg_port}/optuna",
+                "mlflow": f"http://127.0.0.1:{self.state.mlflow_port}",
+                "ray": f"{self.root / 'stores'}/{{name}}/ray"}
+
+    def optuna_url(self) -> str:
+        return f"postgresql://gmwae:{self.pg_password}@127.0.0.1:{self.state.pg_port}/optuna"
 
     def study_sets(self) -> list[str]:
         """`--set` arguments that put a study's stores in DIR/stores (absolute: the job's
@@ -137,17 +180,29 @@ class OnPremLoopback:
                                    f"`apt-get install openssh-server rsync` (or `make sysdeps`).")
         self.state.gcs_port = node_port_base(0) + _HEAD_PORTS["gcs"]
         self.state.dashboard_port = node_port_base(0) + _HEAD_PORTS["dashboard"]
+        self.state.pg_port, self.state.mlflow_port = _STORE_PORTS["postgres"], _STORE_PORTS["mlflow"]
+        marker = venv_marker(Path(sys.prefix))
+        if not marker.is_file():
+            raise ClusterError(
+                f"This venv ({sys.prefix}) has no {marker.name}: the shipped setup "
+                f"(cluster/node_setup.sh) would rebuild it while it runs. Run `make venv`, "
+                f"which installs the project and writes the marker, then `up` again.")
+        _pg_bin("initdb")  # PostgreSQL's programs, which the head's setup would apt-get
         self._check_ports_free()
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "logs").mkdir(exist_ok=True)
         self.state.temp_root = tempfile.mkdtemp(prefix="gop-", dir="/tmp")
+        self.state.state_root = tempfile.mkdtemp(prefix="gos-", dir="/tmp")
+        os.chmod(self.state.state_root, 0o755)  # the `postgres` user reaches its data folder
         try:
             self._keys()
+            self._secrets()
             self._start_sshd()
             self._write_ray_wrapper()
             self._save_bootstrap()
             self._auth_token()
             self._bashrc(add=True)
+            self.settings_path.write_text(self._settings())
             self.config_path.write_text(self._cluster_yaml())
             self._save()
         except BaseException:
@@ -168,7 +223,9 @@ class OnPremLoopback:
         """Every fixed port of every node free now, or a ClusterError naming it (checked
         before anything starts: a node whose port is taken would never join)."""
         ports = [(HEAD_IP, "gcs", self.state.gcs_port),
-                 (HEAD_IP, "dashboard", self.state.dashboard_port)]
+                 (HEAD_IP, "dashboard", self.state.dashboard_port),
+                 (HEAD_IP, "postgres", self.state.pg_port),
+                 (HEAD_IP, "mlflow", self.state.mlflow_port)]
         for ip in self.ips:
             for flag in self.node_port_flags(ip):
                 name, value = flag[2:].split("=")
@@ -187,6 +244,14 @@ class OnPremLoopback:
                         f"`ss -ltnp 'sport = :{port}'`, stop it (or `down` an earlier "
                         f"loopback cluster) and run `up` again.") from None
 
+    def _secrets(self) -> None:
+        """DIR/secrets stands for your ~/.gmwae/secrets: the PostgreSQL password."""
+        self.secrets_dir.mkdir(mode=0o700, exist_ok=True)
+        path = self.secrets_dir / "pg_password"
+        if not path.exists():
+            path.write_text(secrets.token_urlsafe(18) + "\n")
+            path.chmod(0o600)
+
     def _keys(self) -> None:
         ssh = self.root / "ssh"
         ssh.mkdir(mode=0o700, exist_ok=True)
@@ -204,7 +269,8 @@ class OnPremLoopback:
             f"AuthorizedKeysFile {ssh / 'authorized_keys'}\nPermitRootLogin prohibit-password\n"
             f"PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
             f"StrictModes no\nMaxStartups 100\nMaxSessions\t100\n"
-            f"SetEnv {_PATH_ENV}={self.bin_dir}:{Path(sys.executable).parent}\n")
+            f"SetEnv {_PATH_ENV}={self.bin_dir}:{Path(sys.executable).parent} "
+            f"{_SETTINGS_ENV}={self.settings_path}\n")
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation dir
         log = self.root / "logs" / "sshd.log"
         # -D: stays in the foreground, so its pid is ours to stop; -e: log to the file
@@ -264,44 +330,35 @@ class OnPremLoopback:
             if path.is_file():
                 self.state.saved_bootstrap[name] = path.read_text()
 
+    def _settings(self) -> str:
+        """DIR/cluster.env, which cluster/settings.sh sources on every node: the folders
+        and ports of this one-machine cluster, and each node's own `ray start` flags (its
+        address, temp folder and ports), picked by the address its SSH session reached."""
+        cases = "\n".join(
+            f"    {ip}) GMWAE_RAY_START_ARGS='--node-ip-address={ip} "
+            f"--temp-dir={self.node_temp_dir(ip)} {' '.join(self.node_port_flags(ip))}' ;;"
+            for ip in self.ips)
+        return "\n".join([
+            f"# Written by `python -m study.onprem_loopback up`: the settings of the cluster in",
+            f"# {self.root} (cluster/settings.sh reads them on every node).",
+            f"GMWAE_PROJECT={PROJECT}",
+            f"GMWAE_VENV={sys.prefix}",
+            f"GMWAE_SECRETS={self.secrets_dir}",
+            f"GMWAE_STATE={self.state_dir}",
+            f"GMWAE_BASHRC={self.root / 'bashrc'}",
+            f"GMWAE_PG_PORT={self.state.pg_port}",
+            f"GMWAE_MLFLOW_PORT={self.state.mlflow_port}",
+            f"GMWAE_RAY_PORT={self.state.gcs_port}",
+            f"GMWAE_DASHBOARD_PORT={self.state.dashboard_port}",
+            'case "$(echo "$SSH_CONNECTION" | cut -d" " -f3)" in', cases, "esac", ""])
+
     def _cluster_yaml(self) -> str:
+        """The shipped file with its addresses, login and folders replaced (`substituted`
+        says which); every command is the shipped one with the project's folder replaced."""
         import yaml
 
         config = yaml.safe_load(SHIPPED_CONFIG.read_text())
-        venv = Path(sys.executable).parent
-        ray = f"{venv / 'ray'}"
-        workers = _worker_ips(self.state.workers)
-        config.update({
-            "cluster_name": self.state.cluster_name,
-            "provider": {"type": "local", "head_ip": HEAD_IP, "worker_ips": workers},
-            "auth": {"ssh_user": getpass.getuser(), "ssh_private_key": str(self.key)},
-            "min_workers": len(workers), "max_workers": len(workers),
-            # this checkout's venv is already on every "machine": nothing to copy or install
-            "file_mounts": {}, "setup_commands": [], "head_setup_commands": [],
-            "worker_setup_commands": [],
-        })
-        shipped_head = config["head_start_ray_commands"][-1]
-        assert "RAY_enable_autoscaler_v2=0" in shipped_head, "the shipped head command changed"
-        config["head_start_ray_commands"] = [
-            f"{self.bin_dir / 'ray'} stop",
-            "export RAY_enable_autoscaler_v2=0 RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=token && "
-            f"ulimit -n 65536; {ray} start --head --port={self.state.gcs_port} "
-            f"--node-ip-address={HEAD_IP} --num-cpus=0 --num-gpus=0 "
-            f"--dashboard-host=127.0.0.1 --dashboard-port={self.state.dashboard_port} "
-            f"--temp-dir={self.node_temp_dir(HEAD_IP)} "
-            f"{' '.join(self.node_port_flags(HEAD_IP))} "
-            "--autoscaling-config=~/ray_bootstrap_config.yaml"]
-        # the workers share one start command: each picks its node's flags by the address
-        # the autoscaler's SSH session reached it on (SSH_CONNECTION's third field)
-        cases = " ".join(
-            f"{ip}) F='--node-ip-address={ip} --temp-dir={self.node_temp_dir(ip)} "
-            f"{' '.join(self.node_port_flags(ip))}';;" for ip in workers)
-        config["worker_start_ray_commands"] = [
-            f"{self.bin_dir / 'ray'} stop",
-            f'case "$(echo $SSH_CONNECTION | cut -d" " -f3)" in {cases} esac; '
-            "export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=token && ulimit -n 65536; "
-            f"{ray} start --address=$RAY_HEAD_IP:{self.state.gcs_port} "
-            f"--num-cpus={self.state.cpus_per_worker:g} --num-gpus=0 $F"]
+        config.update(substituted(config, self))
         header = (f"# Written by `python -m study.onprem_loopback up --dir {self.root}` from\n"
                   f"# {SHIPPED_CONFIG.name}: the same cluster with loopback addresses. Use:\n"
                   f"#   ray up -y {self.config_path}\n#   ray down -y {self.config_path}\n")
@@ -365,6 +422,7 @@ class OnPremLoopback:
                 time.sleep(0.1)
             if _pid_alive(self.state.sshd_pid):
                 os.killpg(self.state.sshd_pid, signal.SIGKILL)
+        left["stores"] = self._stop_stores()
         self._bashrc(add=False)
         for name in _BOOTSTRAP:
             path = Path.home() / name
@@ -374,9 +432,40 @@ class OnPremLoopback:
                 path.unlink(missing_ok=True)
         for suffix in ("state", "lock"):
             Path(f"/tmp/ray/cluster-{self.state.cluster_name}.{suffix}").unlink(missing_ok=True)
-        if self.state.temp_root:
-            shutil.rmtree(self.state.temp_root, ignore_errors=True)
+        for folder in (self.state.temp_root, self.state.state_root):
+            if folder:
+                shutil.rmtree(folder, ignore_errors=True)
         return left
+
+    def _stop_stores(self) -> list[str]:
+        """The MLflow server (its process group, from the pid file the head's setup wrote)
+        and PostgreSQL (pg_ctl, as `postgres`), when the head's setup started them."""
+        stopped = []
+        if not self.state.state_root:
+            return stopped
+        pidfile = Path(self.state_dir) / "mlflow.pid"
+        if pidfile.is_file():
+            pid = int(pidfile.read_text())
+            try:
+                os.killpg(pid, signal.SIGTERM)
+                stopped.append("mlflow")
+            except ProcessLookupError:
+                pass
+            deadline = time.monotonic() + 15  # the server and its workers, SIGKILLed after
+            while time.monotonic() < deadline and _pid_alive(pid):
+                time.sleep(0.1)
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        data = Path(self.state_dir) / "postgres"
+        if (data / "postmaster.pid").exists():
+            done = subprocess.run(["runuser", "-u", "postgres", "--", _pg_bin("pg_ctl"), "-D",
+                                   str(data), "-m", "fast", "-w", "stop"],
+                                  capture_output=True, text=True)
+            if done.returncode == 0:
+                stopped.append("postgres")
+        return stopped
 
     # ------------------------------------------------------------------ state
     def _save(self) -> None:
@@ -397,15 +486,47 @@ class OnPremLoopback:
         sets = " ".join(f"--set '{s}'" for s in self.study_sets())
         return "\n".join([
             f"sshd on {', '.join(self.ips)}:22 (pid {self.state.sshd_pid}); cluster file "
-            f"{self.config_path}",
-            f"  head {HEAD_IP} (0 CPUs), workers {', '.join(_worker_ips(self.state.workers))} "
-            f"({self.state.cpus_per_worker:g} CPUs each); jobs: {self.dashboard_url}",
+            f"{self.config_path}; settings {self.settings_path}",
+            f"  head {HEAD_IP} (0 CPUs; PostgreSQL on 127.0.0.1:{self.state.pg_port}, MLflow on "
+            f"127.0.0.1:{self.state.mlflow_port} once `ray up` ran its setup), workers "
+            f"{', '.join(_worker_ips(self.state.workers))}; jobs: {self.dashboard_url}",
             "Bring it up, run a shipped spec on it, take it down:",
             f"  ray up -y {self.config_path}",
             f"  ray job submit --address {self.dashboard_url} -- gmwae study run "
-            f"{SHIPPED_CONFIG.parent / 'studies/smoke.yaml'} {sets}",
+            f"{PROJECT / 'studies/smoke.yaml'} {sets}",
             f"  ray down -y {self.config_path}",
             f"  python -m study.onprem_loopback down --dir {self.root}"])
+
+
+def substituted(shipped: dict, cluster: "OnPremLoopback") -> dict:
+    """The keys of the shipped on-premises file that the loopback form replaces, with their
+    values: addresses and login (provider, auth, the worker count that follows from the
+    addresses, the cluster's name), and folders (file_mounts' node paths; the project's
+    folder in the commands). Everything else, the commands included, stays as shipped."""
+    def node_path(path: str) -> str:
+        for shipped_path, here in ((SHIPPED_PROJECT, str(PROJECT)),
+                                   (SHIPPED_SECRETS, str(cluster.secrets_dir))):
+            if path == shipped_path or path.startswith(shipped_path + "/"):
+                return here + path[len(shipped_path):]
+        return path
+
+    def local_path(node: str, local: str) -> str:
+        return {SHIPPED_PROJECT: str(PROJECT), SHIPPED_SECRETS: str(cluster.secrets_dir)}.get(
+            node, local)
+
+    workers = _worker_ips(cluster.state.workers)
+    changed = {
+        "cluster_name": cluster.state.cluster_name,
+        "provider": {"type": "local", "head_ip": HEAD_IP, "worker_ips": workers},
+        "auth": {"ssh_user": getpass.getuser(), "ssh_private_key": str(cluster.key)},
+        "min_workers": len(workers), "max_workers": len(workers),
+        "file_mounts": {node_path(node): local_path(node, local)
+                        for node, local in shipped["file_mounts"].items()},
+    }
+    for key in ("setup_commands", "head_setup_commands", "worker_setup_commands",
+                "head_start_ray_commands", "worker_start_ray_commands"):
+        changed[key] = [c.replace(SHIPPED_PROJECT + "/", f"{PROJECT}/") for c in shipped[key]]
+    return changed
 
 
 def _listening(ip: str, port: int) -> bool:
@@ -433,7 +554,6 @@ def main(argv=None) -> int:
                    help="stop-node: what `ray stop` runs on a loopback node (DIR/bin/ray)")
     p.add_argument("--dir", default="runs/onprem", help="folder for keys, logs, cluster.yaml")
     p.add_argument("--workers", type=int, default=1, help="worker machines, from 127.0.0.3")
-    p.add_argument("--cpus-per-worker", type=float, default=2)
     args = p.parse_args(argv)
     try:
         if args.action == "up":
@@ -441,7 +561,7 @@ def main(argv=None) -> int:
                 print(f"error: {args.dir} already holds a loopback cluster; `down` it first or "
                       f"use another --dir", file=sys.stderr)
                 return 2
-            print(OnPremLoopback(args.dir, args.workers, args.cpus_per_worker).start().describe())
+            print(OnPremLoopback(args.dir, args.workers).start().describe())
         elif args.action == "stop-node":
             cluster = OnPremLoopback.load(args.dir)
             fields = os.environ.get("SSH_CONNECTION", "").split()
@@ -462,8 +582,9 @@ def main(argv=None) -> int:
             cluster = OnPremLoopback.load(args.dir)
             left = cluster.stop()
             shutil.rmtree(cluster.root, ignore_errors=True)
-            print(f"stopped sshd and {left['ray_processes']} Ray processes left running; "
-                  f"removed {cluster.root}")
+            stores = " and ".join(left["stores"]) or "no store"
+            print(f"stopped sshd, {stores} and {left['ray_processes']} Ray processes left "
+                  f"running; removed {cluster.root}")
     except ClusterError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

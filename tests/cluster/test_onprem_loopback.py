@@ -13,12 +13,14 @@ import time
 import urllib.request
 from pathlib import Path
 
+import mlflow
 import optuna
 import pytest
 import yaml
 
 from study.local_cluster import node_port_base, ray_auth_headers
-from study.onprem_loopback import HEAD_IP, SHIPPED_CONFIG, OnPremLoopback, _pid_alive
+from study.onprem_loopback import (HEAD_IP, PROJECT, SHIPPED_CONFIG, OnPremLoopback,
+                                   _pid_alive)
 from tests.conftest import LOCAL_CLUSTERS, ROOT
 
 BIN = Path(sys.executable).parent
@@ -72,9 +74,17 @@ def wait_for_nodes(cluster: OnPremLoopback, ips: set[str], timeout: float = 180)
                          f"{sorted(ips)}\n{node_logs(cluster)}")
 
 
+COMMAND_KEYS = ("setup_commands", "head_setup_commands", "worker_setup_commands",
+                "head_start_ray_commands", "worker_start_ray_commands")
+
+
+def mlflow_pid(cluster: OnPremLoopback) -> int:
+    return int((Path(cluster.state_dir) / "mlflow.pid").read_text())
+
+
 @LOCAL_CLUSTERS
-@pytest.mark.slow  # sshd, two `ray up`s and a study: about three minutes
-def test_ray_up_of_the_onprem_form_over_ssh_runs_a_study_on_its_worker_and_ray_down_stops_it(
+@pytest.mark.slow  # sshd, two `ray up`s with the shipped setup, and a study: minutes
+def test_ray_up_runs_the_shipped_commands_which_start_the_stores_and_a_study_runs_on_the_worker(
         tmp_path):
     home = Path.home()
     bashrc_before = (home / ".bashrc").read_text() if (home / ".bashrc").exists() else None
@@ -84,22 +94,42 @@ def test_ray_up_of_the_onprem_form_over_ssh_runs_a_study_on_its_worker_and_ray_d
     cluster = OnPremLoopback.load(folder)
     try:
         config = cluster.config_path
-        # What `up` wrote is the shipped file with loopback addresses, and Ray accepts it.
+        # What `up` wrote is the shipped file with addresses, login and folders replaced;
+        # its commands are the shipped ones (the scripts in cluster/), the project's folder
+        # on the node aside.
         written = yaml.safe_load(config.read_text())
+        shipped = yaml.safe_load(SHIPPED_CONFIG.read_text())
         assert written["provider"] == {"type": "local", "head_ip": HEAD_IP,
                                        "worker_ips": [WORKER]}
-        # every node's ports fixed when written (`ray up` starts the worker minutes later)
-        assert f"--node-manager-port={node_port_base(1)} " in \
-            written["worker_start_ray_commands"][-1]
-        assert node_port_base(0) <= cluster.state.gcs_port < node_port_base(1)
-        assert f"--port={cluster.state.gcs_port} " in written["head_start_ray_commands"][-1]
-        shipped = yaml.safe_load(SHIPPED_CONFIG.read_text())
-        assert written["idle_timeout_minutes"] == shipped["idle_timeout_minutes"]
+        for key in COMMAND_KEYS:
+            assert [c.replace(f"{PROJECT}/", "~/gmwae-studies/") for c in written[key]] \
+                == shipped[key], key
+        assert "cluster/head_setup.sh" in " ".join(written["head_setup_commands"])
+        changed = {k for k in shipped if written[k] != shipped[k]}
+        assert changed <= {"cluster_name", "provider", "auth", "min_workers", "max_workers",
+                           "file_mounts", *COMMAND_KEYS}
+        assert list(written["file_mounts"].values()) == [str(PROJECT), str(cluster.secrets_dir),
+                                                         "~/.ray/auth_token"]
+        # the settings hold folders, ports and each node's address, temp folder and ports
+        settings = cluster.settings_path.read_text()
+        assert set(re.findall(r"^(\w+)=", settings, re.M)) == {
+            "GMWAE_PROJECT", "GMWAE_VENV", "GMWAE_SECRETS", "GMWAE_STATE", "GMWAE_BASHRC",
+            "GMWAE_PG_PORT", "GMWAE_MLFLOW_PORT", "GMWAE_RAY_PORT", "GMWAE_DASHBOARD_PORT"}
+        flags = re.findall(r"GMWAE_RAY_START_ARGS='([^']*)'", settings)
+        assert len(flags) == 2 and all(
+            re.fullmatch(r"--node-ip-address=[\d.]+|--temp-dir=\S+|--[a-z-]+-port=\d+", f)
+            for line in flags for f in line.split())
+        assert f"--node-manager-port={node_port_base(1)}" in flags[1]
 
+        pids = []
         for attempt in ("first", "second"):  # a second `ray up` after `ray down` failed before
-            done = run(str(BIN / "ray"), "up", "-y", str(config))
-            assert done.returncode == 0, f"{attempt} ray up:\n{done.stdout[-4000:]}"
+            done = run(str(BIN / "ray"), "up", "-y", str(config), timeout=600)
+            assert done.returncode == 0, f"{attempt} ray up:\n{done.stdout[-6000:]}"
             wait_for_nodes(cluster, {HEAD_IP, WORKER})
+            # the shipped head setup started the stores: PostgreSQL and the MLflow server
+            pids.append(mlflow_pid(cluster))
+            assert _pid_alive(pids[-1])
+            client = mlflow.MlflowClient(f"http://127.0.0.1:{cluster.state.mlflow_port}")
             if attempt == "first":
                 submit = next(line.strip() for line in up.stdout.splitlines()
                               if line.strip().startswith("ray job submit"))
@@ -108,32 +138,40 @@ def test_ray_up_of_the_onprem_form_over_ssh_runs_a_study_on_its_worker_and_ray_d
                 assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:]
                 assert re.search(rf"Ray cluster {HEAD_IP}:\d+ \(joined\): 2 node\(s\) running",
                                  job.stdout)
-                stores = folder / "stores" / "smoke"
-                for family in ("gmwae", "gmvae"):
-                    trials = optuna.load_study(study_name=f"smoke/{family}",
-                                               storage=f"sqlite:///{stores}/optuna.db").trials
-                    assert len(trials) == 2
-                    assert all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
                 # every trial ran on the worker (the head has no CPU for trials)
-                results = list((stores / "ray").rglob("result.json"))
+                results = list((folder / "stores" / "smoke" / "ray").rglob("result.json"))
                 assert len(results) == 4
                 ips = {json.loads(line)["node_ip"] for path in results
                        for line in path.read_text().splitlines()}
                 assert ips == {WORKER}
+            # in the head's PostgreSQL and MLflow server, and still there after `ray down` +
+            # `ray up` (the head's setup keeps PostgreSQL's data and restarts the server)
+            for family in ("gmwae", "gmvae"):
+                trials = optuna.load_study(study_name=f"smoke/{family}",
+                                           storage=cluster.optuna_url()).trials
+                assert len(trials) == 2
+                assert all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
+            experiment = client.get_experiment_by_name("smoke")
+            trial_runs = [r for r in client.search_runs([experiment.experiment_id])
+                          if r.data.tags.get("role") == "trial"]
+            assert len(trial_runs) == 4
             done = run(str(BIN / "ray"), "down", "-y", str(config))
             assert done.returncode == 0, done.stdout[-4000:]
             assert "Ray processes of the cluster (head and workers)" in done.stdout + done.stderr
             assert cluster.node_processes() == []  # head and worker stopped by `ray down`
+        assert pids[0] != pids[1] and not _pid_alive(pids[0])  # one MLflow server at a time
     finally:
         down = loopback("down", "--dir", str(folder))
     assert down.returncode == 0, down.stderr
-    assert not _pid_alive(cluster.state.sshd_pid)
+    assert "stopped sshd, mlflow and postgres" in down.stdout
+    assert not _pid_alive(cluster.state.sshd_pid) and not _pid_alive(pids[-1])
     assert cluster.node_processes() == []
     after = (home / ".bashrc").read_text() if (home / ".bashrc").exists() else None
     assert after == bashrc_before
     assert not (home / "ray_bootstrap_config.yaml").exists() or \
         "ray_bootstrap_config.yaml" in cluster.state.saved_bootstrap
     assert not Path(cluster.state.temp_root).exists() and not folder.exists()
+    assert not Path(cluster.state.state_root).exists()
 
 
 @LOCAL_CLUSTERS  # holds a port of the cluster above
@@ -163,9 +201,11 @@ def test_the_shipped_onprem_file_passes_rays_checks_and_starts_the_v1_autoscaler
     assert node_type["min_workers"] == len(config["provider"]["worker_ips"])
     head = " ".join(config["head_start_ray_commands"])
     # v2 counts the head as one of the single node type's min_workers (no worker starts)
-    assert "RAY_enable_autoscaler_v2=0" in head and "--num-cpus=0" in head
-    assert "RAY_AUTH_MODE=token" in head and "RAY_AUTH_MODE=token" in " ".join(
-        config["worker_start_ray_commands"])
+    assert "RAY_enable_autoscaler_v2=0" in head and "cluster/start_head.sh" in head
+    scripts = PROJECT / "cluster"
+    assert "--num-cpus=0" in (scripts / "start_head.sh").read_text()
+    for name in ("start_head.sh", "start_worker.sh"):
+        assert "RAY_AUTH_MODE=token" in (scripts / name).read_text()
     assert "~/.ray/auth_token" in config["file_mounts"]
 
 

@@ -21,8 +21,9 @@ def test_it_validates_and_names_gpu_workers_and_a_head_without_trials():
     assert all(t["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot" for t in workers)
     assert all(t["max_workers"] >= t["min_workers"] for t in workers)
     assert config["idle_timeout_minutes"] > 0
-    head_commands = " ".join(config["head_setup_commands"] + config["head_start_ray_commands"])
-    assert "--host 127.0.0.1" in head_commands and "--dashboard-host=127.0.0.1" in head_commands
+    scripts = PATH.parent / "cluster"
+    assert "--host 127.0.0.1" in (scripts / "head_setup.sh").read_text()
+    assert "--dashboard-host=127.0.0.1" in (scripts / "start_head.sh").read_text()
 
 
 def test_a_broken_config_is_rejected_by_the_same_check():
@@ -52,38 +53,51 @@ def test_no_secret_in_the_file_and_a_comment_above_every_key():
 
 
 @pytest.mark.parametrize("name", ["ray_cluster.yaml", "ray_cluster_onprem.yaml"])
-def test_the_heads_pkill_stops_an_mlflow_server_but_never_its_own_shell(name, tmp_path):
-    """Ray runs each setup command as `bash --login -c -i '<command>'`, whose command line
-    holds the whole text, the `nohup ... mlflow server` part too. The shipped pattern must
-    match a running server (python running .../mlflow server) and not that shell. Checked
-    with pgrep and the same pattern on real processes (pkill here could stop another
-    test's MLflow server)."""
-    import re
-    import shlex
-    import subprocess
-    import sys
-
+def test_every_node_command_is_a_shipped_script_and_none_uses_pkill(name):
+    """The node commands live once, in cluster/, for both files. Ray runs each command as
+    `bash --login -c -i '<command>'`, whose command line holds the whole text: a `pkill -f`
+    of any text in it can kill that shell, so the head stops its earlier MLflow server by
+    the pid file its setup wrote, and nothing uses pkill."""
     config = yaml.safe_load((PATH.parent / name).read_text())
     commands = [c for key in ("setup_commands", "head_setup_commands", "worker_setup_commands",
                               "head_start_ray_commands", "worker_start_ray_commands")
-                for c in config.get(key) or [] if "pkill" in c]
-    assert commands, "the head stops an earlier MLflow server before starting one"
-    server = tmp_path / "venv" / "bin" / "mlflow"
-    server.parent.mkdir(parents=True)
-    server.write_text(f"#!{sys.executable}\nimport time\ntime.sleep(60)\n")
-    server.chmod(0o755)
+                for c in config.get(key) or []]
+    assert len(commands) == 4
     for command in commands:
-        pattern = re.search(r"pkill -f ('[^']*'|\"[^\"]*\")", command)
-        assert pattern, f"a pkill without -f PATTERN: {command}"
-        pgrep = f"pgrep -f {pattern.group(1)}"
-        running = subprocess.Popen([str(server), "server", "--host", "127.0.0.1"])
-        # a shell whose command line holds the text (`; true`: bash would exec a lone sleep)
-        shell = subprocess.Popen(["bash", "-c", f"sleep 60; true # {command}"])
-        try:
-            found = {int(p) for p in subprocess.run(["bash", "-c", pgrep], capture_output=True,
-                                                    text=True).stdout.split()}
-            assert running.pid in found, (pgrep, shlex.quote(command))
-            assert shell.pid not in found, f"{name}: the pattern matches its own shell: {pgrep}"
-        finally:
-            running.kill()
-            shell.kill()
+        script = re.search(r"bash ~/gmwae-studies/(cluster/\w+\.sh)$", command)
+        assert script and (PATH.parent / script.group(1)).is_file(), command
+    texts = [PATH.parent.joinpath(name).read_text(),
+             *(p.read_text() for p in (PATH.parent / "cluster").glob("*.sh"))]
+    assert not any(re.search(r"\bpkill\b", t) for t in texts)
+
+
+def test_head_and_workers_have_roles_of_their_own_and_workers_reach_only_the_bucket():
+    """The AWS part no test here can run (IAM, EC2) is checked as data: the node types name
+    the two instance profiles cluster/aws/create_roles.sh makes, the workers' policy
+    reaches the study's bucket under ray/ and nothing else, and the head may pass the
+    worker role only and terminate only its own cluster's nodes."""
+    import json
+    import subprocess
+
+    config = yaml.safe_load(PATH.read_text())
+    types = config["available_node_types"]
+    profiles = {name: t["node_config"]["IamInstanceProfile"]["Name"] for name, t in types.items()}
+    assert profiles == {"head": "gmwae-head", "gpu_worker": "gmwae-worker"}
+    aws = PATH.parent / "cluster" / "aws"
+    worker = json.loads((aws / "worker-policy.json").read_text())["Statement"]
+    actions = {a for s in worker for a in s["Action"]}
+    assert actions == {"s3:ListBucket", "s3:GetObject", "s3:PutObject", "s3:DeleteObject"}
+    resources = {s["Resource"] for s in worker}
+    assert resources == {"arn:aws:s3:::BUCKET", "arn:aws:s3:::BUCKET/ray/*"}
+    head = {s["Sid"]: s for s in json.loads((aws / "head-policy.json").read_text())["Statement"]}
+    passing = [s for s in head.values() if "iam:PassRole" in s["Action"]]
+    assert len(passing) == 1 and all(r.endswith("/gmwae-worker") for r in passing[0]["Resource"])
+    assert not any(a.startswith("iam:") for s in head.values() if s not in passing
+                   for a in s["Action"])
+    terminate = [s for s in head.values() if "ec2:TerminateInstances" in s["Action"]]
+    assert terminate[0]["Condition"] == {
+        "StringEquals": {"ec2:ResourceTag/ray-cluster-name": "CLUSTER_NAME"}}
+    assert not any("*" == a or a.endswith(":*") for s in head.values() for a in s["Action"])
+    assert subprocess.run(["bash", "-n", str(aws / "create_roles.sh")]).returncode == 0
+    usage = subprocess.run(["bash", str(aws / "create_roles.sh")], capture_output=True, text=True)
+    assert usage.returncode != 0 and "usage: bash cluster/aws/create_roles.sh BUCKET" in usage.stderr
