@@ -30,7 +30,7 @@ from .spec import SpecError
 
 __all__ = ["ClusterError", "NodeType", "ClusterShape", "read_cluster_shape", "check_trial_fits",
            "CLUSTER_CONFIG_ENV", "format_resources", "check_storage_reachable", "NodeWait",
-           "size_gpu_share", "NoCudaStop"]
+           "size_gpu_share", "NoCudaStop", "data_dir_for_trials"]
 
 CLUSTER_CONFIG_ENV = "GMWAE_CLUSTER_CONFIG"
 _SHOWN = ("CPU", "GPU")
@@ -304,15 +304,42 @@ def _probe_nodes(shape: ClusterShape, folder: Path, ips: list[str]) -> list[str]
         marker.unlink(missing_ok=True)
 
 
+def _elsewhere(shape: ClusterShape) -> tuple[list[str], list[str]]:
+    """The running nodes on other hosts than the driver's, and the node types the
+    autoscaler launches on other machines."""
+    other_hosts = sorted({n["ip"] for n in shape.nodes if n["ip"] != shape.driver_ip
+                          and not str(n["ip"]).startswith("127.")})
+    return other_hosts, [t.name for t in shape.launchable if not shape.launches_here]
+
+
+def data_dir_for_trials(shape: ClusterShape, data_dir: Optional[str],
+                        dataset: str) -> tuple[Optional[str], Optional[str]]:
+    """The data folder to hand the trials, and a line saying why when it is not the
+    driver's: a folder on the driver's own disk does not exist on nodes on other machines,
+    whose trials then read their node's $GMWAE_DATA_DIR or download the dataset once per
+    node (gmwae_core.data stages it under a lock). A shared mount (NFS, EFS) is handed on."""
+    if not data_dir:
+        return data_dir, None
+    other_hosts, remote_types = _elsewhere(shape)
+    if not other_hosts and not remote_types:
+        return data_dir, None
+    fs = _filesystem(Path(data_dir))
+    if fs.startswith(_SHARED_FS):
+        return data_dir, None
+    where = ", ".join(other_hosts + remote_types)
+    return None, (f"The data folder {data_dir} is on this machine's own disk (file system "
+                  f"{fs or 'unknown'}), which the nodes on other machines ({where}) do not "
+                  f"have: their trials read their node's $GMWAE_DATA_DIR, else download "
+                  f"{dataset} once per node. Put the folder on a shared mount to hand it on.")
+
+
 def check_storage_reachable(shape: ClusterShape, storage: str) -> None:
     """Raise ClusterError when trials on other machines could not write `storage` (a local
     folder on a cluster whose nodes run elsewhere), before any trial starts."""
     if "://" in storage:
         return  # s3://, gs://, ...: every node reaches it with its own credentials
     folder = Path(storage)
-    other_hosts = sorted({n["ip"] for n in shape.nodes if n["ip"] != shape.driver_ip
-                          and not str(n["ip"]).startswith("127.")})
-    remote_types = [t.name for t in shape.launchable if not shape.launches_here]
+    other_hosts, remote_types = _elsewhere(shape)
     if not other_hosts and not remote_types:
         return
     fs = _filesystem(folder.parent if not folder.exists() else folder)

@@ -93,7 +93,7 @@ def confirm_study(spec: StudySpec, seeds: int = 5, out: Optional[str | Path] = N
     spec = resolve_study_data(spec)
     tracker = open_tracker(spec)
     out = Path(out or Path("runs") / spec.name / "confirm")
-    ray_storage = connect_ray(spec, address)
+    ray_storage, trial_spec = connect_ray(spec, address)
     dataset = describe_splits(spec.run_config(spec.families[0], {}).data)
     batch = time.strftime("%Y%m%d-%H%M%S")
     table: dict[str, Any] = {"study": spec.name, "seeds_requested": seeds, "families": {},
@@ -101,7 +101,7 @@ def confirm_study(spec: StudySpec, seeds: int = 5, out: Optional[str | Path] = N
     for family, trial in best.items():
         params = trial.params
         fn = family_trainable(trainable or train_trial,
-                               TrialSetup(spec, family, test_at_end=True))
+                               TrialSetup(trial_spec, family, test_at_end=True))
         tuner = tune.Tuner(
             tune.with_resources(fn, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}),
             param_space={**params, "_confirms": trial.number, "_confirm_batch": batch,

@@ -9,6 +9,7 @@ Stores are checked before any trial starts.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import re
@@ -48,10 +49,12 @@ def _probe_ray_address(target: str, timeout: float = 5.0) -> None:
                            f"on this machine.") from None
 
 
-def connect_ray(spec: StudySpec, address: Optional[str], announce: bool = True) -> str:
+def connect_ray(spec: StudySpec, address: Optional[str],
+                announce: bool = True) -> tuple[str, StudySpec]:
     """Join (or start) the Ray cluster, say which it is, check that a trial fits it (now
     or once the autoscaler adds nodes) and that its nodes reach the Ray storage; return the
-    storage path trials write to (absolute, or a URI such as s3://...).
+    storage path trials write to (absolute, or a URI such as s3://...) and the spec the
+    trials get (without a data folder that only this machine has).
 
     No address: the job's cluster when run by `ray job submit` (RAY_ADDRESS), else a new
     Ray on this machine, never a cluster some earlier `ray start` left running (pass
@@ -59,7 +62,8 @@ def connect_ray(spec: StudySpec, address: Optional[str], announce: bool = True) 
     """
     import ray
 
-    from .cluster import check_storage_reachable, check_trial_fits, read_cluster_shape
+    from .cluster import (check_storage_reachable, check_trial_fits, data_dir_for_trials,
+                          read_cluster_shape)
 
     if not ray.is_initialized():
         target = address or os.environ.get("RAY_ADDRESS") or "local"
@@ -81,7 +85,11 @@ def connect_ray(spec: StudySpec, address: Optional[str], announce: bool = True) 
     if "://" not in ray_storage:
         ray_storage = str(Path(ray_storage).expanduser().resolve())
     check_storage_reachable(shape, ray_storage)
-    return ray_storage
+    data_dir, why = data_dir_for_trials(shape, spec.data_dir, spec.dataset)
+    if why:
+        print(why, flush=True)
+        spec = dataclasses.replace(spec, data_dir=data_dir)
+    return ray_storage, spec
 
 
 def run_study(spec: StudySpec, address: Optional[str] = None, verbose: int = 1,
@@ -123,7 +131,7 @@ def run_study(spec: StudySpec, address: Optional[str] = None, verbose: int = 1,
             f"or start a new study with `--name NEW`.")
     # The cluster's checks refuse before MLflow is written: a refused study leaves no
     # experiment behind.
-    ray_storage = connect_ray(spec, address)
+    ray_storage, trial_spec = connect_ray(spec, address)
     tracker = open_tracker(spec)
     tracker.log_spec(spec.to_dict(), mask=mask_url)
     space = spec.search_space
@@ -168,7 +176,7 @@ def run_study(spec: StudySpec, address: Optional[str] = None, verbose: int = 1,
                           TrialLogger(tracker, family, spec.max_iterations,
                                       run_config=functools.partial(spec.run_config, family),
                                       dataset=dataset)],
-            "setup": TrialSetup(spec, family)}
+            "setup": TrialSetup(trial_spec, family)}
     if spec.run_families == "together" and len(parts) > 1:
         groups = [list(parts)]  # one Tune run: the cluster never idles between families
     else:

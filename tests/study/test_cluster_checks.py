@@ -48,6 +48,25 @@ def test_a_trial_no_node_type_can_hold_is_refused_naming_the_types(bundle, types
         check_trial_fits(shape(types=types), bundle)
 
 
+def test_a_data_folder_on_the_drivers_own_disk_is_not_handed_to_nodes_on_other_machines(
+        tmp_path):
+    from study.cluster import data_dir_for_trials
+
+    folder = str(tmp_path)
+    kept, why = data_dir_for_trials(shape(), folder, "mnist")
+    assert kept is None
+    assert why.startswith(f"The data folder {folder} is on this machine's own disk")
+    assert "(gpu_worker) do not have" in why and "download mnist once per node" in why
+    # nodes that share this machine's folders (fake or loopback), or no folder: unchanged
+    assert data_dir_for_trials(shape(launches_here=True), folder, "mnist") == (folder, None)
+    assert data_dir_for_trials(shape(types=()), folder, "mnist") == (folder, None)
+    assert data_dir_for_trials(shape(), None, "digits") == (None, None)
+    # a running node on another host counts as much as a node type launched elsewhere
+    worker = {"ip": "10.0.0.2", "resources": {"CPU": 4.0, "GPU": 1.0}}
+    kept, why = data_dir_for_trials(shape(nodes=(HEAD, worker), types=()), folder, "mnist")
+    assert kept is None and "(10.0.0.2) do not have" in why
+
+
 def test_a_local_storage_folder_is_refused_when_nodes_launch_on_other_machines(tmp_path):
     with pytest.raises(ClusterError, match=r"`storage.ray` is the local folder .* launches nodes "
                                            r"on other machines \(gpu_worker, provider aws\).*s3://"):
