@@ -4,7 +4,7 @@ together; and the smoke study's wall time on the static 3-node cluster vs plain 
     python benchmarks/cluster.py --out benchmarks/results/cluster/autoscaling.json   # autoscaling
     python benchmarks/cluster.py --static --out benchmarks/results/cluster/static.json      # static
 
-Autoscaling (study.local_cluster --autoscaling: a head with 0 CPUs, 0..2 workers of
+Autoscaling (cluster.local --autoscaling: a head with 0 CPUs, 0..2 workers of
 {CPU 1, GPU 1} with fake GPUs, PostgreSQL, an MLflow server): the same study (studies/
 smoke.yaml with --set: `--trials` per family, 3 iterations of `--steps` steps, no ASHA,
 half a GPU per trial, so the full cluster holds 4 trials) submitted with `ray job submit`
@@ -16,7 +16,7 @@ to the last trial's end), slots = trials the cluster holds at its full size; tri
 are the MLflow child runs' start and end.
 
 1. Plain local Ray: `gmwae study run SPEC` (ray.init on this machine, sqlite stores).
-2. The local cluster (study.local_cluster: PostgreSQL, an MLflow server, a Ray head with 0
+2. The local cluster (cluster.local: PostgreSQL, an MLflow server, a Ray head with 0
    CPUs and two 1-CPU workers, all `ray start`): `ray job submit --working-dir . -- gmwae
    study run SPEC` with the PostgreSQL/MLflow-server stores, timed from submission to the
    job's end. The cluster's start-up is timed apart (paid once, not per study).
@@ -69,7 +69,7 @@ def autoscaled_run(cluster, name: str, mode: str, trials: int, steps: int) -> di
     import mlflow
     from ray.job_submission import JobSubmissionClient
 
-    from study.local_cluster import ray_auth_headers
+    from cluster.local import ray_auth_headers
 
     deadline = time.monotonic() + 300
     while workers(cluster) and time.monotonic() < deadline:  # start from zero workers
@@ -112,7 +112,7 @@ def autoscaled_run(cluster, name: str, mode: str, trials: int, steps: int) -> di
 def autoscaling(out: Path, trials: int, steps: int, idle_minutes: float = 0.25,
                 argv: list[str] | None = None) -> dict:
     """`argv`: main()'s arguments, for the results file's command."""
-    from study.local_cluster import LocalCluster
+    from cluster.local import LocalCluster
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.monotonic()
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
         autoscaling(out, 2 if args.smoke else args.trials, 10 if args.smoke else args.steps,
                     0.1 if args.smoke else 0.25, argv)
         return 0
-    from study.local_cluster import LocalCluster
+    from cluster.local import LocalCluster
 
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     with tempfile.TemporaryDirectory() as tmp:

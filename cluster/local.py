@@ -1,9 +1,9 @@
 """A real multi-node cluster on this machine: PostgreSQL, an MLflow server, a Ray head and
 Ray workers, each its own processes, all in one folder and all torn down together.
 
-    python -m study.local_cluster up --dir runs/local-cluster      # prints the stores, env
-    python -m study.local_cluster down --dir runs/local-cluster
-    python -m study.local_cluster up --autoscaling --dir runs/autoscaling   # 0..2 GPU workers
+    python -m cluster.local up --dir runs/local-cluster      # prints the stores, env
+    python -m cluster.local down --dir runs/local-cluster
+    python -m cluster.local up --autoscaling --dir runs/autoscaling   # 0..2 GPU workers
 
 It is the cluster form of every store (a `postgresql://` Optuna storage, an `http://`
 MLflow tracking server with proxied artifacts, a Ray cluster of `ray start` nodes and a
@@ -467,7 +467,7 @@ class LocalCluster:
         path = root / "cluster.json"
         if not path.is_file():
             raise ClusterError(f"No local cluster in {root} (no cluster.json). Start one with "
-                               f"`python -m study.local_cluster up --dir {root}`.")
+                               f"`python -m cluster.local up --dir {root}`.")
         cluster = cls(root)
         cluster.state = ClusterState(**json.loads(path.read_text()))
         return cluster
@@ -497,7 +497,7 @@ class LocalCluster:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m study.local_cluster", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m cluster.local", description=__doc__.split("\n")[0])
     p.add_argument("action", choices=["up", "down"])
     p.add_argument("--dir", default="runs/local-cluster", help="folder for data, logs, state")
     p.add_argument("--workers", type=int, default=2)

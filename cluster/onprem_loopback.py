@@ -1,11 +1,11 @@
 """ray_cluster_onprem.yaml on this machine: real SSH, real `ray up` / `ray down`, with
 loopback addresses standing in for the lab's machines.
 
-    python -m study.onprem_loopback up --dir runs/onprem     # sshd, DIR/cluster.yaml
+    python -m cluster.onprem_loopback up --dir runs/onprem     # sshd, DIR/cluster.yaml
     ray up -y runs/onprem/cluster.yaml                       # head 127.0.0.2, worker 127.0.0.3
     ray job submit --address http://127.0.0.1:PORT -- gmwae study run ... (printed by `up`)
     ray down -y runs/onprem/cluster.yaml
-    python -m study.onprem_loopback down --dir runs/onprem   # sshd, stores, leftovers, by pid
+    python -m cluster.onprem_loopback down --dir runs/onprem   # sshd, stores, leftovers, by pid
 
 `up` starts Debian's OpenSSH server on 127.0.0.2 and up (port 22: Ray's local provider
 has no port setting) with a key of its own in DIR, and writes DIR/cluster.yaml: the
@@ -49,7 +49,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .local_cluster import ClusterError, _pg_bin, node_port_base, node_ports
+from .local import ClusterError, _pg_bin, node_port_base, node_ports
 
 __all__ = ["OnPremLoopback", "HEAD_IP", "SHIPPED_CONFIG"]
 
@@ -61,9 +61,9 @@ SHIPPED_SECRETS = "~/.gmwae/secrets"
 HEAD_IP = "127.0.0.2"
 _PATH_ENV = "GMWAE_LOOPBACK_PATH"
 _SETTINGS_ENV = "GMWAE_CLUSTER_ENV"
-_BASHRC_MARK = "# gmwae onprem loopback (study/onprem_loopback.py)"
+_BASHRC_MARK = "# gmwae onprem loopback (cluster/onprem_loopback.py)"
 _BOOTSTRAP = ("ray_bootstrap_config.yaml", "ray_bootstrap_key.pem")
-# The head's own ports, after its node services in its block (local_cluster.node_port_base):
+# The head's own ports, after its node services in its block (cluster.local.node_port_base):
 # fixed, as every node's are here, because `ray up` starts the nodes long after `up` wrote
 # their commands, and a free port found at `up` could be taken by then (the worker's start
 # then fails for good: Ray's local provider does not retry it).
@@ -300,7 +300,7 @@ class OnPremLoopback:
             "#!/bin/sh\n"
             "# `ray` on the loopback nodes. `ray stop` stops the Ray of the node this SSH\n"
             "# session reached only (every node is this machine); the rest is Ray's.\n"
-            f'if [ "$1" = stop ]; then exec {sys.executable} -m study.onprem_loopback '
+            f'if [ "$1" = stop ]; then exec {sys.executable} -m cluster.onprem_loopback '
             f'stop-node --dir {self.root}; fi\n'
             f'exec {venv_bin / "ray"} "$@"\n')
         wrapper.chmod(0o755)
@@ -339,7 +339,7 @@ class OnPremLoopback:
             f"--temp-dir={self.node_temp_dir(ip)} {' '.join(self.node_port_flags(ip))}' ;;"
             for ip in self.ips)
         return "\n".join([
-            f"# Written by `python -m study.onprem_loopback up`: the settings of the cluster in",
+            f"# Written by `python -m cluster.onprem_loopback up`: the settings of the cluster in",
             f"# {self.root} (cluster/settings.sh reads them on every node).",
             f"GMWAE_PROJECT={PROJECT}",
             f"GMWAE_VENV={sys.prefix}",
@@ -359,7 +359,7 @@ class OnPremLoopback:
 
         config = yaml.safe_load(SHIPPED_CONFIG.read_text())
         config.update(substituted(config, self))
-        header = (f"# Written by `python -m study.onprem_loopback up --dir {self.root}` from\n"
+        header = (f"# Written by `python -m cluster.onprem_loopback up --dir {self.root}` from\n"
                   f"# {SHIPPED_CONFIG.name}: the same cluster with loopback addresses. Use:\n"
                   f"#   ray up -y {self.config_path}\n#   ray down -y {self.config_path}\n")
         return header + yaml.safe_dump(config, sort_keys=False, width=1000)
@@ -477,7 +477,7 @@ class OnPremLoopback:
         path = root / "onprem.json"
         if not path.is_file():
             raise ClusterError(f"No loopback on-prem cluster in {root} (no onprem.json). Start "
-                               f"one with `python -m study.onprem_loopback up --dir {root}`.")
+                               f"one with `python -m cluster.onprem_loopback up --dir {root}`.")
         self = cls(root)
         self.state = LoopbackState(**json.loads(path.read_text()))
         return self
@@ -495,7 +495,7 @@ class OnPremLoopback:
             f"  ray job submit --address {self.dashboard_url} -- gmwae study run "
             f"{PROJECT / 'studies/smoke.yaml'} {sets}",
             f"  ray down -y {self.config_path}",
-            f"  python -m study.onprem_loopback down --dir {self.root}"])
+            f"  python -m cluster.onprem_loopback down --dir {self.root}"])
 
 
 def substituted(shipped: dict, cluster: "OnPremLoopback") -> dict:
@@ -548,7 +548,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m study.onprem_loopback",
+    p = argparse.ArgumentParser(prog="python -m cluster.onprem_loopback",
                                 description=__doc__.split("\n")[0])
     p.add_argument("action", choices=["up", "down", "stop-node"],
                    help="stop-node: what `ray stop` runs on a loopback node (DIR/bin/ray)")

@@ -14,7 +14,7 @@ import optuna
 import psutil
 import pytest
 
-from study.local_cluster import LocalCluster, ray_auth_headers
+from cluster.local import LocalCluster, ray_auth_headers
 from tests.conftest import LOCAL_CLUSTERS, ROOT
 
 pytestmark = [pytest.mark.slow, LOCAL_CLUSTERS]  # a whole cluster per module: minutes

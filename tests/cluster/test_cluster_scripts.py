@@ -12,7 +12,7 @@ import mlflow
 import optuna
 import pytest
 
-from study.local_cluster import _pg_bin, free_port
+from cluster.local import _pg_bin, free_port
 
 ROOT = Path(__file__).parents[2]
 SETUP = ROOT / "cluster" / "head_setup.sh"

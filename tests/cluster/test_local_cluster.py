@@ -11,7 +11,7 @@ import mlflow
 import optuna
 import pytest
 
-from study.local_cluster import PASSWORD_ENV, LocalCluster, ray_auth_headers
+from cluster.local import PASSWORD_ENV, LocalCluster, ray_auth_headers
 from tests.conftest import LOCAL_CLUSTERS, ROOT
 
 pytestmark = [pytest.mark.slow, LOCAL_CLUSTERS]  # a whole cluster per module: minutes

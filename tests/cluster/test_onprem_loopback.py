@@ -1,6 +1,6 @@
 """ray_cluster_onprem.yaml brought up for real: an OpenSSH server on loopback addresses,
 `ray up` / `ray down` of Ray's local provider (head 127.0.0.2, worker 127.0.0.3), the smoke
-study submitted as `python -m study.onprem_loopback up` prints it, a second `ray up` after
+study submitted as `python -m cluster.onprem_loopback up` prints it, a second `ray up` after
 `ray down`, and everything it started stopped by its ids afterwards."""
 import json
 import os
@@ -18,8 +18,8 @@ import optuna
 import pytest
 import yaml
 
-from study.local_cluster import node_port_base, ray_auth_headers
-from study.onprem_loopback import (HEAD_IP, PROJECT, SHIPPED_CONFIG, OnPremLoopback,
+from cluster.local import node_port_base, ray_auth_headers
+from cluster.onprem_loopback import (HEAD_IP, PROJECT, SHIPPED_CONFIG, OnPremLoopback,
                                    _pid_alive)
 from tests.conftest import LOCAL_CLUSTERS, ROOT
 
@@ -35,7 +35,7 @@ def run(*args, timeout=300, **kw):
 
 
 def loopback(*args):
-    return run(sys.executable, "-m", "study.onprem_loopback", *args, timeout=120)
+    return run(sys.executable, "-m", "cluster.onprem_loopback", *args, timeout=120)
 
 
 def alive_ips(dashboard: str) -> set[str]:
@@ -212,14 +212,28 @@ def test_the_shipped_onprem_file_passes_rays_checks_and_starts_the_v1_autoscaler
 def test_stop_node_outside_an_ssh_session_and_a_missing_cluster_exit_2(tmp_path):
     done = loopback("down", "--dir", str(tmp_path / "none"))
     assert done.returncode == 2 and "No loopback on-prem cluster in" in done.stderr
-    assert "python -m study.onprem_loopback up --dir" in done.stderr
+    assert "python -m cluster.onprem_loopback up --dir" in done.stderr
     folder = tmp_path / "c"
     folder.mkdir()
     cluster = OnPremLoopback(folder)
     cluster._save()
     env = {k: v for k, v in ENV.items() if k != "SSH_CONNECTION"}
-    done = subprocess.run([sys.executable, "-m", "study.onprem_loopback", "stop-node", "--dir",
+    done = subprocess.run([sys.executable, "-m", "cluster.onprem_loopback", "stop-node", "--dir",
                            str(folder)], capture_output=True, text=True, env=env, cwd=ROOT)
     assert done.returncode == 2 and "runs on one of its nodes" in done.stderr
     bad = loopback("up", "--dir", str(tmp_path / "w"), "--workers", "0")
     assert bad.returncode == 2 and "--workers must be 1..8" in bad.stderr
+
+
+def test_up_refuses_a_venv_without_the_setup_marker_before_it_starts_anything(tmp_path,
+                                                                              monkeypatch):
+    """The shipped setup builds the venv unless it holds cluster/node_setup.sh's marker;
+    on the loopback nodes that venv is the one running, so `up` stops first."""
+    from cluster.local import ClusterError
+
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "venv"))
+    folder = tmp_path / "onprem"
+    with pytest.raises(ClusterError, match=r"This venv \(.*/venv\) has no \.deps-[0-9a-f]{12}: "
+                                           r"the shipped setup .* Run `make venv`"):
+        OnPremLoopback(folder).start()
+    assert not folder.exists()

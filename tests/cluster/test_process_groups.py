@@ -5,7 +5,7 @@ import subprocess
 import sys
 import time
 
-from study.local_cluster import LocalCluster, _group_alive
+from cluster.local import LocalCluster, _group_alive
 
 
 def test_an_exited_group_leader_not_yet_reaped_does_not_count_as_running():

@@ -79,7 +79,7 @@ def test_the_champion_loads_and_serves_the_clusters_gmwae_evaluate_computes(stud
     import numpy as np
 
     from gmwae_core import load_splits, read_config
-    from study.local_cluster import free_port
+    from cluster.local import free_port
 
     spec, folder = study
     index = json.loads((folder / "exported" / "export.json").read_text())
@@ -205,7 +205,7 @@ def test_optuna_dashboard_serves_both_families_with_the_objectives_name(study, t
     import time
     import urllib.request
 
-    from study.local_cluster import free_port
+    from cluster.local import free_port
 
     spec, folder = study
     port = free_port()
