@@ -8,8 +8,9 @@ machine without Ray, Optuna or MLflow runs it.
 
 1. memory: one optimiser step per configuration; the step's peak of allocated CUDA memory
    (torch.cuda.max_memory_allocated above what was allocated before it) against
-   gmwae_core.memory's estimate of the step's tensors, and the whole process's reserved
-   memory against its GPU estimate (x1.25 + the CUDA context);
+   gmwae_core.memory's estimate of the step's tensors, and the process's peak reserved
+   memory against the estimate of the allocator's reserve (benchmarks/memory_fit.py fits
+   the estimate's GPU constants to these rows);
 2. synchronisation: host synchronisations counted with torch.cuda.set_sync_debug_mode, in
    one optimizer_step and in train_steps (which records history), with the gmwae_core
    line that caused each;
@@ -92,6 +93,8 @@ def memory_rows(smoke: bool) -> list[dict]:
             row["measured_step_gib"] = (torch.cuda.max_memory_allocated() - before) / GIB
             row["reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
             row["measured/estimated"] = row["measured_step_gib"] / row["estimated_step_gib"]
+            row["estimated_reserved_gib"] = est.gpu_reserved_bytes / GIB
+            row["reserved/estimated"] = row["reserved_gib"] / row["estimated_reserved_gib"]
         else:
             trainer.optimizer_step(batch)
         rows.append(row)
@@ -321,12 +324,14 @@ def main(argv=None) -> int:
 
 def _table(result: dict) -> None:
     print(f"\n{'memory':<24}{'images':>8}{'est step GiB':>14}{'meas GiB':>10}{'ratio':>7}"
-          f"{'reserved':>10}{'est GPU':>9}")
+          f"{'reserved':>10}{'est res':>9}{'ratio':>7}")
     for r in result.get("memory", []) if isinstance(result.get("memory"), list) else []:
         print(f"{r['config']:<24}{r['images']:>8}{r['estimated_step_gib']:>14.2f}"
               f"{r.get('measured_step_gib', float('nan')):>10.2f}"
               f"{r.get('measured/estimated', float('nan')):>7.2f}"
-              f"{r.get('reserved_gib', float('nan')):>10.2f}{r['estimated_gpu_gib']:>9.2f}")
+              f"{r.get('reserved_gib', float('nan')):>10.2f}"
+              f"{r.get('estimated_reserved_gib', float('nan')):>9.2f}"
+              f"{r.get('reserved/estimated', float('nan')):>7.2f}")
     for r in result.get("speed", []) if isinstance(result.get("speed"), list) else []:
         print(f"speed {r['family']} {r['mode']:<14} {r.get('steps_per_s', float('nan')):8.1f} "
               f"steps/s {r.get('error', '')}")

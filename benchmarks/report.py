@@ -173,6 +173,7 @@ def sections() -> list[tuple[str, str, str]]:
     overhead, static = load("overhead/local-ray.json"), load("cluster/static.json")
     autoscaling, dashboard = load("cluster/autoscaling.json"), load("dashboard/report.json")
     memory, kernel = load("memory/step-memory.json"), load("mmd_kernel/cpu.json")
+    fit = load("memory/gpu-fit.json")
     return [
         ("Clustering MNIST at the cpu preset (headline)",
          "Test Hungarian accuracy of the configurations the project ships, on seeds that no "
@@ -201,6 +202,18 @@ def sections() -> list[tuple[str, str, str]]:
                [[r["config"], r["images"], f"{r['estimated_step_gib']:.2f}",
                  f"{r['measured_step_gib']:.2f}", f"{r['measured/estimated']:.2f}", source(gpu)]
                 for r in gpu["memory"]])),
+        ("GPU: the memory estimate's constants, fitted to the measured reserve (benchmarks/memory_fit.py)",
+         "The process's peak reserved CUDA memory in the rows above against the estimate of "
+         "the allocator's reserve with the shipped constants (gmwae_core/memory.py: "
+         + ", ".join(f"{k} {v:.3g}" for k, v in fit["shipped"].items()) + "; the least-squares "
+         "fit gives " + ", ".join(f"{v:.3g}" for v in fit["fitted"].values()) + "). Target: "
+         f"{fit['settings']['target'][0]} to {fit['settings']['target'][1]}. A trial's need "
+         "is this reserve plus the CUDA context.",
+         table(["configuration", "images per step", "reserved GiB", "estimated GiB",
+                "reserved / estimated"],
+               [[r["config"], r["images"], f"{r['reserved_gib']:.2f}",
+                 f"{r['estimated_reserved_gib']:.2f}", f"{r['reserved/estimated']:.2f}",
+                 source(fit)] for r in fit["rows"]])),
         ("CPU: training step throughput (benchmarks/throughput.py)",
          "One training step per preset, FLOPs counted by the profiler, against the matmul "
          "peak measured in the same run.",

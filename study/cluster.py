@@ -30,7 +30,8 @@ from .spec import SpecError
 
 __all__ = ["ClusterError", "NodeType", "ClusterShape", "read_cluster_shape", "check_trial_fits",
            "CLUSTER_CONFIG_ENV", "format_resources", "check_storage_reachable", "NodeWait",
-           "size_gpu_share", "NoCudaStop", "data_dir_for_trials"]
+           "size_gpu_share", "NoCudaStop", "data_dir_for_trials",
+           "GPU_MEMORY_BY_INSTANCE", "instance_gpu_memory"]
 
 CLUSTER_CONFIG_ENV = "GMWAE_CLUSTER_CONFIG"
 _SHOWN = ("CPU", "GPU")
@@ -59,6 +60,21 @@ class NodeType:
     """CPU, GPU, ... of one node; None when the provider detects them at launch."""
     min_workers: int = 0
     max_workers: int = 0
+    gpu_memory_gb: Optional[float] = None
+    """Memory of one of its GPUs, when its instance type names a known GPU
+    (GPU_MEMORY_BY_INSTANCE)."""
+
+
+GPU_MEMORY_BY_INSTANCE = {"g4dn": 16, "g5": 24, "g6": 24, "g6e": 48, "p3": 16, "p4d": 40,
+                          "p4de": 80, "p5": 80, "p5e": 141, "p5en": 141}
+"""GiB of one GPU of an EC2 instance family (T4, A10G, L4, L40S, V100, A100, H100, H200)."""
+
+
+def instance_gpu_memory(node_config: dict) -> Optional[float]:
+    """GPU memory of a node_config's InstanceType ("g5.xlarge" -> 24), or None."""
+    family = str((node_config or {}).get("InstanceType", "")).split(".")[0]
+    memory = GPU_MEMORY_BY_INSTANCE.get(family)
+    return None if memory is None else float(memory)
 
 
 @dataclass(frozen=True)
@@ -77,6 +93,13 @@ class ClusterShape:
     """The provider starts its nodes on this machine (fake_multinode, or a `local` provider
     whose hosts are all loopback addresses): they share this machine's folders."""
     driver_ip: str = ""
+
+    def gpu_memory_gb(self) -> Optional[float]:
+        """The smallest GPU memory among the node types that can run trials, when every
+        such type's instance names a known GPU; None otherwise."""
+        types = [t for t in self.launchable if (t.resources or {}).get("GPU", 1) > 0]
+        memories = [t.gpu_memory_gb for t in types]
+        return min(memories) if memories and None not in memories else None
 
     @property
     def launchable(self) -> tuple[NodeType, ...]:
@@ -127,7 +150,8 @@ def _yaml_node_types(config: dict, source: str) -> dict[str, Any]:
         resources = body.get("resources")
         types.append(NodeType(str(name), {k: float(v) for k, v in resources.items()}
                               if resources else None,
-                              int(body.get("min_workers", 0)), int(body.get("max_workers", 0))))
+                              int(body.get("min_workers", 0)), int(body.get("max_workers", 0)),
+                              instance_gpu_memory(body.get("node_config") or {})))
     provider = config.get("provider") or {}
     hosts = [provider.get("head_ip"), *(provider.get("worker_ips") or [])]
     here = provider.get("type") == "fake_multinode" or (

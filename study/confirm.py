@@ -103,7 +103,8 @@ def confirm_study(spec: StudySpec, seeds: int = 5, out: Optional[str | Path] = N
         fn = family_trainable(trainable or train_trial,
                                TrialSetup(trial_spec, family, test_at_end=True))
         tuner = tune.Tuner(
-            tune.with_resources(fn, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}),
+            tune.with_resources(fn, {"cpu": trial_spec.resources.cpu,
+                                     "gpu": trial_spec.resources.gpu}),
             param_space={**params, "_confirms": trial.number, "_confirm_batch": batch,
                          "seed": tune.grid_search(seed_list)},
             tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent),

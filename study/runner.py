@@ -54,7 +54,8 @@ def connect_ray(spec: StudySpec, address: Optional[str],
     """Join (or start) the Ray cluster, say which it is, check that a trial fits it (now
     or once the autoscaler adds nodes) and that its nodes reach the Ray storage; return the
     storage path trials write to (absolute, or a URI such as s3://...) and the spec the
-    trials get (without a data folder that only this machine has).
+    trials get: without a data folder that only this machine has, and with the GPU share
+    sized from the node types' GPU memory when the spec does not give it.
 
     No address: the job's cluster when run by `ray job submit` (RAY_ADDRESS), else a new
     Ray on this machine, never a cluster some earlier `ray start` left running (pass
@@ -63,7 +64,7 @@ def connect_ray(spec: StudySpec, address: Optional[str],
     import ray
 
     from .cluster import (check_storage_reachable, check_trial_fits, data_dir_for_trials,
-                          read_cluster_shape)
+                          read_cluster_shape, size_gpu_share)
 
     if not ray.is_initialized():
         target = address or os.environ.get("RAY_ADDRESS") or "local"
@@ -77,6 +78,15 @@ def connect_ray(spec: StudySpec, address: Optional[str],
                                f"cluster started on this machine with `ray start`).") from None
     started_here = address is None and not os.environ.get("RAY_ADDRESS")
     shape = read_cluster_shape(joined=not started_here)
+    memory = shape.gpu_memory_gb()
+    if spec.resources.gpu > 0 and spec.resources.gpu_memory_gb is None and memory:
+        # the node types name their GPUs: size each trial's share from them
+        print(f"GPU memory of the cluster's GPU node types: {memory:g} GiB", flush=True)
+        spec = dataclasses.replace(spec, resources=dataclasses.replace(
+            spec.resources, gpu_memory_gb=memory))
+        spec, lines = size_gpu_share(spec)
+        for line in lines[-1:]:
+            print(line, flush=True)
     note = check_trial_fits(shape, trial_bundle(spec))
     if announce:
         how = "started on this machine for this study" if started_here else "joined"
@@ -182,8 +192,8 @@ def run_study(spec: StudySpec, address: Optional[str] = None, verbose: int = 1,
     else:
         groups = [[family] for family in parts]
     for group in groups:
-        _run_group(spec, {f: parts[f] for f in group}, trainable or train_trial, ray_storage,
-                   verbose)
+        _run_group(trial_spec, {f: parts[f] for f in group}, trainable or train_trial,
+                   ray_storage, verbose)
         for family in group:  # these families are done: their best on the parent run
             _log_best(tracker, storage, plans[family].study_name, family, objective)
     for family in spec.families:

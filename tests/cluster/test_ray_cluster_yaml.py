@@ -101,3 +101,22 @@ def test_head_and_workers_have_roles_of_their_own_and_workers_reach_only_the_buc
     assert subprocess.run(["bash", "-n", str(aws / "create_roles.sh")]).returncode == 0
     usage = subprocess.run(["bash", str(aws / "create_roles.sh")], capture_output=True, text=True)
     assert usage.returncode != 0 and "usage: bash cluster/aws/create_roles.sh BUCKET" in usage.stderr
+
+
+def test_every_shipped_gpu_spec_fits_one_gpu_of_the_clusters_worker_type():
+    """The study sizes each trial's GPU share from the node types' GPU memory (the
+    instance type names the GPU); every shipped spec that asks for a GPU must fit the
+    shipped worker type by that estimate, or its study would refuse to start there."""
+    from study.cluster import instance_gpu_memory, size_gpu_share
+    from study.spec import apply_sets, load_spec, spec_from_dict
+
+    worker = yaml.safe_load(PATH.read_text())["available_node_types"]["gpu_worker"]
+    memory = instance_gpu_memory(worker["node_config"])
+    assert memory == 24  # g5: one A10G
+    specs = [load_spec(p) for p in sorted((PATH.parent / "studies").glob("*.yaml"))]
+    gpu_specs = [s for s in specs if s.resources.gpu > 0]
+    assert {s.name for s in gpu_specs} >= {"paper", "paper-cluster", "wide"}
+    for spec in gpu_specs:
+        sized, lines = size_gpu_share(spec_from_dict(apply_sets(
+            spec.to_dict(), [f"resources.gpu_memory_gb={memory:g}"])))
+        assert 0 < sized.resources.gpu <= 1.0, (spec.name, lines)

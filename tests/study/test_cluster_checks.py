@@ -200,6 +200,29 @@ def test_trials_waiting_for_nodes_that_never_come_stop_the_study_with_what_was_a
     assert study.trials and all(t.state.name == "RUNNING" for t in study.trials)
 
 
+def test_the_node_types_gpu_memory_sizes_a_trials_share_when_the_spec_gives_none(
+        tmp_path, ray_local, monkeypatch, capsys):
+    """A node type whose instance names its GPU (g4dn: a 16 GiB T4) gives the study the
+    memory to size shares from: the wide space's widest GM-WAE trial does not fit, and
+    the study stops before any trial with what it needs."""
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump({
+        "max_workers": 2, "provider": {"type": "aws"}, "head_node_type": "head",
+        "available_node_types": {
+            "head": {"resources": {"CPU": 0}, "max_workers": 0},
+            "gpu_worker": {"resources": {"CPU": 4, "GPU": 1}, "min_workers": 0,
+                           "max_workers": 2, "node_config": {"InstanceType": "g4dn.xlarge"}}}}))
+    monkeypatch.setenv(CLUSTER_CONFIG_ENV, str(path))
+    spec = local_spec(tmp_path, "t4", space="wide", preset="paper",
+                      resources={"cpu": 1, "gpu": 0.25}, fixed={"pretrain_steps": 2})
+    with pytest.raises(ClusterError, match=r"needs about 22\.5 GiB .*more than one GPU of "
+                                           r"resources.gpu_memory_gb = 16 GiB"):
+        run_study(spec, verbose=0)
+    assert "GPU memory of the cluster's GPU node types: 16 GiB" in capsys.readouterr().out
+    with pytest.raises(KeyError):  # refused before any Optuna study was made
+        optuna.load_study(study_name="t4/gmwae", storage=f"sqlite:///{tmp_path}/o.db")
+
+
 def test_a_local_storage_folder_on_a_cluster_of_other_machines_stops_before_any_trial(
         tmp_path, ray_local, monkeypatch):
     monkeypatch.setenv(CLUSTER_CONFIG_ENV, str(cluster_config(tmp_path, "aws")))
@@ -232,17 +255,19 @@ def test_the_widest_trials_gpu_memory_sizes_the_share_or_refuses_the_study(tmp_p
 
     spec = load_spec(ROOT / "studies/paper.yaml")  # space wide, gpu 0.25
     same, lines = size_gpu_share(spec)  # GPU memory unknown: the estimate, said
-    assert same is spec and "gmwae 7.4 GiB at the paper point, 97.7 GiB at the space's " \
-        "widest (K=30, batch_size=256, decoder_width=128)" in lines[0]
+    assert same is spec and "gmwae 5.6 GiB at the paper point, 22.5 GiB at the space's " \
+        "widest (K=30, batch_size=128, decoder_width=128)" in lines[0]
     assert "set resources.gpu_memory_gb" in lines[-1]
-    big = with_sets(spec, "resources.gpu_memory_gb=140")
+    big = with_sets(spec, "resources.gpu_memory_gb=48")
     sized, lines = size_gpu_share(big)
-    assert sized.resources.gpu == 0.7 and "raised from 0.25 to 0.7" in lines[-1]
+    assert sized.resources.gpu == 0.5 and "raised from 0.25 to 0.5" in lines[-1]
+    roomy, _ = size_gpu_share(with_sets(spec, "resources.gpu_memory_gb=141"))
+    assert roomy.resources.gpu == 0.25  # the spec's share holds the widest trial: kept
     with pytest.raises(ClusterError, match=r"The widest gmwae trial of space 'wide' \(K=30, "
-                                           r"batch_size=256, decoder_width=128\) needs about "
-                                           r"97\.7 GiB .*more than one GPU of "
-                                           r"resources.gpu_memory_gb = 80 GiB"):
-        size_gpu_share(with_sets(spec, "resources.gpu_memory_gb=80"))
+                                           r"batch_size=128, decoder_width=128\) needs about "
+                                           r"22\.5 GiB .*more than one GPU of "
+                                           r"resources.gpu_memory_gb = 16 GiB"):
+        size_gpu_share(with_sets(spec, "resources.gpu_memory_gb=16"))
     cpu, lines = size_gpu_share(with_sets(spec, "resources.gpu=0"))
     assert lines == []
     with pytest.raises(SpecError, match="resources.gpu_memory_gb` must be positive"):
@@ -251,13 +276,13 @@ def test_the_widest_trials_gpu_memory_sizes_the_share_or_refuses_the_study(tmp_p
 
 def test_a_study_whose_widest_trial_fits_no_gpu_exits_2_before_any_store(tmp_path):
     done = subprocess.run([GMWAE, "study", "run", str(ROOT / "studies/paper.yaml"),
-                           "--set", "resources.gpu_memory_gb=24",
+                           "--set", "resources.gpu_memory_gb=16",
                            "--set", f"storage.optuna=sqlite:///{tmp_path}/o.db",
                            "--set", f"storage.mlflow=sqlite:///{tmp_path}/m.db",
                            "--set", f"storage.ray={tmp_path}/ray"],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 2, done.stderr[-2000:]
-    assert "more than one GPU of resources.gpu_memory_gb = 24 GiB" in done.stderr
+    assert "more than one GPU of resources.gpu_memory_gb = 16 GiB" in done.stderr
     assert "Traceback" not in done.stderr and list(tmp_path.iterdir()) == []
 
 
