@@ -320,3 +320,37 @@ def test_mmd_kernel_rejects_sizes_that_are_not_integers(tmp_path):
                            "--out", str(tmp_path / "k.json")], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2 and "--sizes must be comma-separated integers" in proc.stderr
     assert not (tmp_path / "k.json").exists()
+
+
+def test_memory_fit_recovers_the_constants_a_record_was_made_with_and_needs_gpu_rows(tmp_path):
+    """A gpu_check-shaped record whose reserved memory follows known constants: the fit
+    gives them back, and each row is printed against the shipped estimate."""
+    gpu_check = load_benchmark("gpu_check.py")
+    memory_fit = load_benchmark("memory_fit.py")
+    blocks, passes, base = 6.0, 2.0, 0.25 * 2 ** 30
+    rows = []
+    for label, family, _ in gpu_check.MEMORY:
+        cfg = memory_fit.configs()[label]
+        images = cfg.train.batch_size * cfg.model.K * cfg.model.num_samples
+        reserved = (blocks * 4 * images ** 2 * (family == "gmwae")
+                    + passes * 4 * images * (686 * cfg.model.decoder_width + 2352) + base)
+        rows.append({"config": label, "family": family, "images": images,
+                     "reserved_gib": reserved / 2 ** 30})
+    record = tmp_path / "gpu.json"
+    record.write_text(json.dumps({"machine": {"gpu": "made up"}, "memory": rows}))
+    out = tmp_path / "fit.json"
+    printed = run("memory_fit.py", "--record", record, "--out", out)
+    result = json.loads(out.read_text())
+    assert_provenance(result, "benchmarks/memory_fit.py")
+    assert result["fitted"] == pytest.approx({"GPU_MMD_BLOCKS": blocks, "GPU_DECODER_SAVED": passes,
+                                              "GPU_BASE_BYTES": base}, rel=1e-6)
+    assert [r["config"] for r in result["rows"]] == [r["config"] for r in rows]
+    assert "reserved GiB" in printed and "GPU_MMD_BLOCKS" in printed
+
+    record.write_text(json.dumps({"machine": {}, "memory": [
+        {k: v for k, v in r.items() if k != "reserved_gib"} for r in rows]}))  # a CPU run
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks/memory_fit.py"), "--record",
+                           str(record), "--out", str(tmp_path / "none.json")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 2 and "holds 0 memory rows measured on a GPU" in done.stderr
+    assert not (tmp_path / "none.json").exists()
