@@ -7,8 +7,8 @@ together; and the smoke study's wall time on the static 3-node cluster vs plain 
 Autoscaling (cluster.local --autoscaling: a head with 0 CPUs, 0..2 workers of
 {CPU 1, GPU 1} with fake GPUs, PostgreSQL, an MLflow server): the same study (studies/
 smoke.yaml with --set: `--trials` per family, 3 iterations of `--steps` steps, no ASHA,
-half a GPU per trial, so the full cluster holds 4 trials) submitted with `ray job submit`
-twice, run_families=in_turn and then together, each from zero workers (the cluster is
+half a (fake) GPU per trial trained on the CPU, so the full cluster holds 4 trials)
+submitted with `ray job submit` twice, run_families=in_turn and then together, each from zero workers (the cluster is
 let scale down in between). Per run: seconds from submit to the first trial running and
 to the end, worker nodes launched and removed (polled from the dashboard), and the
 utilisation = the sum of trial-seconds / (slots x the time from the first trial's start
@@ -74,8 +74,8 @@ def autoscaled_run(cluster, name: str, mode: str, trials: int, steps: int) -> di
     deadline = time.monotonic() + 300
     while workers(cluster) and time.monotonic() < deadline:  # start from zero workers
         time.sleep(2)
-    sets = [*cluster.study_sets(), "resources.gpu=0.5", "resources.cpu=0.5", f"trials={trials}",
-            "max_iterations=3", f"steps_per_iteration={steps}", "scheduler.type=none",
+    sets = [*cluster.study_sets(), "resources.gpu=0.5", "resources.cpu=0.5", "fixed.device=cpu",
+            f"trials={trials}", "max_iterations=3", f"steps_per_iteration={steps}", "scheduler.type=none",
             "max_concurrent=4", f"run_families={mode}"]
     jobs = JobSubmissionClient(cluster.dashboard_url, headers=ray_auth_headers())
     submitted_at = time.time()

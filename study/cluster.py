@@ -431,8 +431,19 @@ class NoCudaStop(tune.Callback):
     (study.trainable.require_cuda), before Tune retries it or starts the next: every trial
     on that node would fail the same way. The trial's message is kept in `error`."""
 
+    LOGGER = "ray.tune.execution.tune_controller"
+    """Tune's controller logs each failed trial with its traceback; this one's is dropped
+    (`filter`, installed by the runner around the run): the study's error says it all."""
+
     def __init__(self):
         self.error: Optional[ClusterError] = None
+
+    def filter(self, record) -> bool:
+        """logging.Filter: False for Tune's report of a trial that found no CUDA device."""
+        from .trainable import NO_CUDA
+
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (exc is not None and NO_CUDA in str(exc))
 
     def _check(self, trial) -> None:
         from .trainable import NO_CUDA

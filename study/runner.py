@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 import re
 import sys
@@ -247,6 +248,8 @@ def _run_group(spec: StudySpec, parts: dict[str, dict[str, Any]], fn: Callable,
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute=spec.objective.metric,
                 checkpoint_score_order=spec.objective.mode)))
+    tune_log = logging.getLogger(NoCudaStop.LOGGER)
+    tune_log.addFilter(no_cuda)
     try:
         tuner.fit()
     except Exception:
@@ -254,6 +257,8 @@ def _run_group(spec: StudySpec, parts: dict[str, dict[str, Any]], fn: Callable,
             if stop.error is not None:
                 raise stop.error from None
         raise
+    finally:
+        tune_log.removeFilter(no_cuda)
     for stop in (wait, no_cuda):
         if stop.error is not None:
             raise stop.error

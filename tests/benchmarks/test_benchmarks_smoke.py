@@ -354,3 +354,27 @@ def test_memory_fit_recovers_the_constants_a_record_was_made_with_and_needs_gpu_
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert done.returncode == 2 and "holds 0 memory rows measured on a GPU" in done.stderr
     assert not (tmp_path / "none.json").exists()
+
+
+@LOCAL_CLUSTERS
+@pytest.mark.slow  # a local cluster with PostgreSQL and an MLflow server, two studies
+def test_driver_smoke_measures_report_to_mlflow_lag_and_throughput_per_slot_count(tmp_path):
+    out = tmp_path / "driver.json"
+    printed = run("driver.py", "--smoke", "--out", out)
+    result = json.loads(out.read_text())
+    assert_provenance(result, "benchmarks/driver.py")
+    assert [r["slots"] for r in result["rows"]] == [2, 4]
+    for row in result["rows"]:
+        assert row["trials"] == 2 * row["slots"] and row["reports"] == 3 * row["trials"]
+        assert 0 < row["lag_p50_s"] <= row["lag_p95_s"] <= row["lag_max_s"]
+        assert row["trials_per_minute"] > 0
+    assert "lag p50 s" in printed
+
+
+def test_driver_rejects_slots_that_are_not_positive_integers(tmp_path):
+    for bad in ("4,x", "0"):
+        done = subprocess.run([sys.executable, str(ROOT / "benchmarks/driver.py"), "--slots",
+                               bad, "--out", str(tmp_path / "d.json")],
+                              capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert done.returncode == 2 and "--slots must be" in done.stderr
+        assert not (tmp_path / "d.json").exists()
