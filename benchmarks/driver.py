@@ -58,8 +58,8 @@ def light_trial(config: dict, setup) -> None:
                      "reported_at": time.time()})
 
 
-def measure(cluster, slots: int, trials: int, iterations: int, report_s: float) -> dict:
-    """One study of `trials` light trials, `slots` at a time; lag and throughput."""
+def measure(cluster, slots: int, n_trials: int, iterations: int, report_s: float) -> dict:
+    """One study of `n_trials` light trials, `slots` at a time; lag and throughput."""
     import mlflow
 
     from study import tracking
@@ -69,15 +69,15 @@ def measure(cluster, slots: int, trials: int, iterations: int, report_s: float) 
     lags: list[float] = []
     wrapped = tracking.TrialLogger.on_trial_result
 
-    def timed(self, iteration, trials_, trial, result, **info):
-        wrapped(self, iteration, trials_, trial, result, **info)
+    def timed(self, iteration, trials, trial, result, **info):
+        wrapped(self, iteration=iteration, trials=trials, trial=trial, result=result, **info)
         if self.run_ids.get(trial.trial_id) is not None:
             lags.append(time.time() - float(result["reported_at"]))
 
     name = f"driver-{slots}"
     spec = spec_from_dict({
-        "name": name, "dataset": "synthetic", "space": "smoke", "families": ["gmwae"],
-        "trials": trials, "max_concurrent": slots, "max_iterations": iterations,
+        "name": name, "dataset": "synthetic", "space": "fixed", "families": ["gmwae"],
+        "trials": n_trials, "max_concurrent": slots, "max_iterations": iterations,
         "scheduler": {"type": "none"}, "metric": "val/cluster_acc",
         "resources": {"cpu": 1, "gpu": 0},
         "storage": {"optuna": cluster.optuna_url(with_password=True),
@@ -137,6 +137,9 @@ def main(argv=None) -> int:
                 rows.append(measure(cluster, n, n * per_slot, iterations, args.report_seconds))
                 print(f"{n} slots: {json.dumps(rows[-1])}", flush=True)
         finally:
+            import ray
+
+            ray.shutdown()  # before the cluster goes: a driver left connected dies with its GCS
             cluster.stop()
     settings = {"slots": slots, "trials_per_slot": per_slot, "iterations": iterations,
                 "report_seconds": args.report_seconds, "smoke": args.smoke,
