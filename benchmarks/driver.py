@@ -13,8 +13,9 @@ synthetic metrics, so the driver's writes, not the trials, set the pace. Per slo
 (the study's max_concurrent, the cluster holding at least as many), it records:
 
 - lag: from a report (the time the trial took as it reported) to the moment the
-  driver's MLflow write of it returned (the Optuna write of the same result comes before
-  it in the loop): p50, p95 and max over every report;
+  driver's MLflow write of it returned (study.tracking.TrialLogger.write_metrics, after
+  the Optuna write of the same result in the driver's loop): p50, p95 and max over every
+  report;
 - throughput: trials finished per minute, first trial's start to last trial's end, and
   the ideal (slots x 60 / a trial's own length).
 
@@ -67,12 +68,11 @@ def measure(cluster, slots: int, n_trials: int, iterations: int, report_s: float
     from study.spec import spec_from_dict
 
     lags: list[float] = []
-    wrapped = tracking.TrialLogger.on_trial_result
+    wrapped = tracking.TrialLogger.write_metrics
 
-    def timed(self, iteration, trials, trial, result, **info):
-        wrapped(self, iteration=iteration, trials=trials, trial=trial, result=result, **info)
-        if self.run_ids.get(trial.trial_id) is not None:
-            lags.append(time.time() - float(result["reported_at"]))
+    def timed(self, run_id, metrics, result):
+        wrapped(self, run_id, metrics, result)  # returns once the MLflow server has the row
+        lags.append(time.time() - float(result["reported_at"]))
 
     name = f"driver-{slots}"
     spec = spec_from_dict({
@@ -82,14 +82,14 @@ def measure(cluster, slots: int, n_trials: int, iterations: int, report_s: float
         "resources": {"cpu": 1, "gpu": 0},
         "storage": {"optuna": cluster.optuna_url(with_password=True),
                     "mlflow": cluster.mlflow_url, "ray": f"{cluster.storage_path}"}})
-    tracking.TrialLogger.on_trial_result = timed
+    tracking.TrialLogger.write_metrics = timed
     os.environ["GMWAE_DRIVER_REPORT_SECONDS"] = str(report_s)
     try:
         start = time.monotonic()
         run_study(spec, address=cluster.ray_address, verbose=0, trainable=light_trial)
         wall = time.monotonic() - start
     finally:
-        tracking.TrialLogger.on_trial_result = wrapped
+        tracking.TrialLogger.write_metrics = wrapped
     client = mlflow.MlflowClient(cluster.mlflow_url)
     experiment = client.get_experiment_by_name(name)
     runs = [r for r in client.search_runs([experiment.experiment_id], max_results=5000)

@@ -173,7 +173,7 @@ def sections() -> list[tuple[str, str, str]]:
     overhead, static = load("overhead/local-ray.json"), load("cluster/static.json")
     autoscaling, dashboard = load("cluster/autoscaling.json"), load("dashboard/report.json")
     memory, kernel = load("memory/step-memory.json"), load("mmd_kernel/cpu.json")
-    fit = load("memory/gpu-fit.json")
+    fit, driver = load("memory/gpu-fit.json"), load("driver/local-cluster.json")
     return [
         ("Clustering MNIST at the cpu preset (headline)",
          "Test Hungarian accuracy of the configurations the project ships, on seeds that no "
@@ -233,6 +233,19 @@ def sections() -> list[tuple[str, str, str]]:
                [[r["codes"], f"{r['eager_ms']:.2f}", f"{r['fused_ms']:.2f}",
                  f"{r['speedup']:.2f}", f"{r['max_grad_diff']:.1e}", source(kernel)]
                 for r in kernel["rows"]])),
+        ("One driver at cluster scale (benchmarks/driver.py)",
+         "Light trials (a report every " f"{driver['settings']['report_seconds']:g} s, "
+         f"{driver['settings']['iterations']} reports each) through one study driver on a "
+         "local cluster with the PostgreSQL and MLflow-server stores: the time from a "
+         "trial's report to the driver's MLflow write of it returning, and trials finished "
+         "per minute against the slots' ideal. Targets: p95 lag under "
+         f"{driver['targets']['lag_p95_s_max']:g} s; throughput growing with the slots.",
+         table(["slots", "trials", "lag p50 s", "lag p95 s", "lag max s", "trials / min",
+                "ideal / min"],
+               [[r["slots"], r["trials"], f"{r['lag_p50_s']:.2f}", f"{r['lag_p95_s']:.2f}",
+                 f"{r['lag_max_s']:.2f}", f"{r['trials_per_minute']:.1f}",
+                 f"{r['ideal_trials_per_minute']:.0f}", source(driver)]
+                for r in driver["rows"]])),
         ("Platform overhead on one machine (benchmarks/overhead.py)",
          "The same trials run directly and through the platform (Ray Tune, Optuna, MLflow), "
          "and one against two at a time on two cores.",

@@ -281,6 +281,11 @@ class TrialLogger(tune.Callback):
         metrics = [Metric(k, float(v), ts, step) for k, v in result.items()
                    if k.startswith(TRACKED_PREFIXES) and isinstance(v, (int, float))
                    and math.isfinite(float(v))]
+        self.write_metrics(run_id, metrics, result)
+
+    def write_metrics(self, run_id: str, metrics: list, result: dict) -> None:
+        """One result's metrics into its run, before the driver goes on (`result`: what
+        Tune reported; benchmarks/driver.py times this write against the report)."""
         self.client.log_batch(run_id, metrics=metrics)
 
     def _finish(self, trial, status: str, reason: Optional[str] = None) -> None:
