@@ -412,16 +412,7 @@ class OnPremLoopback:
         left = {"ray_processes": self.stop_node(None) if self.state.temp_root else 0,
                 "sshd": False}
         if self.state.sshd_pid:
-            try:
-                os.killpg(self.state.sshd_pid, signal.SIGTERM)
-                left["sshd"] = True
-            except ProcessLookupError:
-                pass
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and _pid_alive(self.state.sshd_pid):
-                time.sleep(0.1)
-            if _pid_alive(self.state.sshd_pid):
-                os.killpg(self.state.sshd_pid, signal.SIGKILL)
+            left["sshd"] = _stop_group(self.state.sshd_pid, 10)
         left["stores"] = self._stop_stores()
         self._bashrc(add=False)
         for name in _BOOTSTRAP:
@@ -444,20 +435,8 @@ class OnPremLoopback:
         if not self.state.state_root:
             return stopped
         pidfile = Path(self.state_dir) / "mlflow.pid"
-        if pidfile.is_file():
-            pid = int(pidfile.read_text())
-            try:
-                os.killpg(pid, signal.SIGTERM)
-                stopped.append("mlflow")
-            except ProcessLookupError:
-                pass
-            deadline = time.monotonic() + 15  # the server and its workers, SIGKILLed after
-            while time.monotonic() < deadline and _pid_alive(pid):
-                time.sleep(0.1)
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        if pidfile.is_file() and _stop_group(int(pidfile.read_text()), 15):
+            stopped.append("mlflow")  # the server and its workers: one process group
         data = Path(self.state_dir) / "postgres"
         if (data / "postmaster.pid").exists():
             done = subprocess.run(["runuser", "-u", "postgres", "--", _pg_bin("pg_ctl"), "-D",
@@ -533,6 +512,23 @@ def _listening(ip: str, port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
         return s.connect_ex((ip, port)) == 0
+
+
+def _stop_group(pid: int, timeout: float) -> bool:
+    """SIGTERM the process group led by `pid`, SIGKILL what is left of it after `timeout`
+    seconds; whether the group was running."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _pid_alive(pid):
+        time.sleep(0.1)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return True
 
 
 def _pid_alive(pid: int) -> bool:

@@ -13,6 +13,7 @@ import optuna
 import pytest
 
 from cluster.local import _pg_bin, free_port
+from cluster.onprem_loopback import _pid_alive
 
 ROOT = Path(__file__).parents[2]
 SETUP = ROOT / "cluster" / "head_setup.sh"
@@ -67,7 +68,7 @@ def test_head_setup_starts_the_stores_and_a_second_run_keeps_the_data_and_replac
     second = run_as_ray_does(f"bash {SETUP}", settings)
     assert second.returncode == 0, second.stderr[-3000:]
     new_pid = int((base / "state" / "mlflow.pid").read_text())
-    assert new_pid != pid and not _alive(pid) and _alive(new_pid)
+    assert new_pid != pid and not _pid_alive(pid) and _pid_alive(new_pid)
     assert len(optuna.load_study(study_name="kept", storage=storage).trials) == 1
     assert client.get_experiment_by_name("kept") is not None
     # listening on 127.0.0.1 only
@@ -86,11 +87,3 @@ def test_head_setup_without_the_password_file_stops_and_says_where_it_belongs(he
     assert "docs/cluster.md" in done.stderr
     assert not (base / "state").exists()  # nothing started, nothing written
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split(") ", 1)[1][0] != "Z"
