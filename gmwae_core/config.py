@@ -22,6 +22,7 @@ __all__ = [
     "FAMILY_ONLY",
     "canonical_key",
     "DATASETS",
+    "UNLABELLED_DATASETS",
     "PRESETS",
     "PAPER_PRIOR_OVERLAP",
     "ModelConfig",
@@ -40,7 +41,9 @@ FAMILY_ONLY: dict[str, tuple[str, ...]] = {
     key: tuple(f.name for f in _FAMILIES.values() if key in f.own_keys)
     for key in sorted({k for f in _FAMILIES.values() for k in f.own_keys})}
 """Config keys (bare names) only some families use, and which (lambda_mmd: gmwae)."""
-DATASETS = ("mnist", "fashion-mnist", "digits", "synthetic")
+DATASETS = ("mnist", "fashion-mnist", "digits", "synthetic", "images")
+UNLABELLED_DATASETS = ("images",)
+"""Datasets without labels: metrics that read labels are skipped for them."""
 DEVICES = ("auto", "cpu", "cuda")
 INITS = ("torch", "paper")
 LR_SCHEDULES = ("constant", "paper", "linear")
@@ -205,9 +208,13 @@ class TrainConfig:
 @dataclass(frozen=True)
 class DataConfig:
     dataset: str = "mnist"
-    """mnist, fashion-mnist, digits (scikit-learn's 8x8, always offline) or synthetic."""
+    """mnist, fashion-mnist, digits (scikit-learn's 8x8, always offline), synthetic, or
+    images: your own images without labels, from `data_dir` (a folder of image files or an
+    .npy array)."""
     data_dir: Optional[str] = None
-    """Folder with the four IDX files; default: $GMWAE_DATA_DIR, then torchvision's download."""
+    """Folder with the four IDX files; default: $GMWAE_DATA_DIR, then torchvision's download.
+    For dataset images: a folder of image files (PNG, JPEG, ...; subfolders included) or an
+    .npy file of shape (N, H, W), (N, 1, H, W) or (N, H, W, C)."""
     val_size: Optional[int] = None
     """Images carved from the training set (fixed seed) for validation; None: 1/12 (MNIST: 5000)."""
     split_seed: int = 0
@@ -222,6 +229,9 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check(self.dataset in DATASETS, "data.dataset", f"must be one of {DATASETS}",
                self.dataset, "Use digits for a dataset that needs no files.")
+        _check(self.dataset not in UNLABELLED_DATASETS or bool(self.data_dir), "data.data_dir",
+               f"must name the images when data.dataset is {self.dataset}", self.data_dir,
+               "Set data_dir to a folder of image files or to an .npy array of images.")
         _check(self.val_size is None or self.val_size >= 10, "data.val_size",
                "must be at least 10 when given", self.val_size, "Leave it unset for 1/12 of train.")
         _check(self.eval_size is None or self.eval_size >= 10, "data.eval_size",

@@ -1,7 +1,9 @@
 """Datasets as tensors: train, validation (carved from train with a fixed seed) and test.
 
-Every dataset is 28x28 grey images in [0, 1] with integer labels. The whole split lives
-as one tensor on the training device; batches are index draws (see training.py).
+Every dataset is 28x28 grey images in [0, 1] with integer labels, or -1 for every image of
+a dataset without labels (dataset `images`: a folder of image files or an .npy array,
+converted to grey and resized to 28x28). The whole split lives as one tensor on the
+training device; batches are index draws (see training.py).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .config import DataConfig
+from .config import UNLABELLED_DATASETS, DataConfig
 
 __all__ = ["DataError", "Splits", "load_splits", "read_idx", "find_idx_files", "DATA_DIR_ENV",
            "describe_splits", "paper_split", "PAPER_HELD_OUT"]
@@ -33,6 +35,11 @@ IDX_FILES = {
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm")
+"""Files a folder of images (dataset `images`) is read from, case-insensitive."""
+IMAGES_TEST_SHARE = 10
+"""Dataset `images` holds out one image in this many (a fixed draw) as its test split."""
+NO_LABEL = -1
 # Where Debian's dataset-fashion-mnist package puts the files.
 FASHION_MNIST_APT_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -63,8 +70,14 @@ class Splits:
             self.train_x, self.train_y, self.val_x, self.val_y, self.test_x, self.test_y)))
 
     @property
+    def labelled(self) -> bool:
+        """False for images without labels (data.dataset=images): every label is -1."""
+        return bool(len(self.test_y)) and int(self.test_y.min()) >= 0
+
+    @property
     def num_classes(self) -> int:
-        return int(self.test_y.max().item()) + 1
+        """Number of label values; 0 for images without labels."""
+        return int(self.test_y.max().item()) + 1 if self.labelled else 0
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -192,6 +205,82 @@ def _synthetic(n_train: int = 2400, n_test: int = 600, classes: int = 10) -> tup
     return train_x, train_y, test_x, test_y
 
 
+def _grey_28(images: np.ndarray, where: str) -> np.ndarray:
+    """(N, H, W) uint8 or float in [0, 1] -> (N, 28, 28) uint8, bilinear."""
+    if images.dtype == np.uint8:
+        x = torch.from_numpy(images.astype(np.float32) / 255.0)
+    elif np.issubdtype(images.dtype, np.floating) or np.issubdtype(images.dtype, np.integer):
+        lo, hi = float(images.min()), float(images.max())
+        if lo < 0.0 or hi > 1.0:
+            raise DataError(f"{where} holds values in [{lo:g}, {hi:g}], but images that are not "
+                            f"uint8 must lie in [0, 1]. Divide them by their maximum (255 for "
+                            f"8-bit images) or save them as uint8.")
+        x = torch.from_numpy(images.astype(np.float32))
+    else:
+        raise DataError(f"{where} has dtype {images.dtype}, but images must be uint8 or float "
+                        f"in [0, 1]. Convert the array.")
+    if x.shape[1:] != (28, 28):
+        x = torch.nn.functional.interpolate(x.unsqueeze(1), size=(28, 28), mode="bilinear",
+                                            align_corners=False).squeeze(1)
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+
+
+def _npy_images(path: Path) -> np.ndarray:
+    try:
+        a = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise DataError(f"Could not read {path} as an .npy array ({e}). Save the images with "
+                        f"numpy.save as an (N, H, W) array.") from None
+    if a.ndim == 4 and a.shape[1] == 1:
+        a = a[:, 0]
+    elif a.ndim == 4 and a.shape[3] in (1, 3, 4):
+        a = a[..., :3].mean(-1).astype(a.dtype) if a.shape[3] > 1 else a[..., 0]
+    if a.ndim != 3 or min(a.shape) < 1:
+        raise DataError(f"{path} has shape {a.shape}, but an array of images must be "
+                        f"(N, H, W), (N, 1, H, W) or (N, H, W, C) with C 1, 3 or 4. Reshape it.")
+    return _grey_28(a, str(path))
+
+
+def _folder_images(folder: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    files = sorted(f for f in folder.rglob("*") if f.is_file()
+                   and f.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"Image folder {folder} holds no image files ({', '.join(IMAGE_SUFFIXES)}"
+                        f", subfolders included). Point data_dir at the folder of your images.")
+    images = []
+    for f in files:
+        try:
+            with Image.open(f) as img:
+                grey = img.convert("L").resize((28, 28), Image.Resampling.BILINEAR)
+                images.append(np.asarray(grey, dtype=np.uint8))
+        except (OSError, UnidentifiedImageError) as e:
+            raise DataError(f"Could not read image {f} ({e}). Remove or replace it.") from None
+    return np.stack(images)
+
+
+def _images(path: Path) -> tuple[np.ndarray, ...]:
+    """A folder of image files or an .npy array, without labels: train and a held-out
+    test split (one image in IMAGES_TEST_SHARE, a fixed draw), every label NO_LABEL."""
+    if path.is_file() and path.suffix == ".npy":
+        images = _npy_images(path)
+    elif path.is_dir():
+        images = _folder_images(path)
+    else:
+        raise DataError(f"data_dir {path} is neither a folder nor an .npy file. Point it at a "
+                        f"folder of image files or at an .npy array of images.")
+    n_test = len(images) // IMAGES_TEST_SHARE
+    if n_test < 10:
+        raise DataError(f"{path} holds {len(images)} images; dataset images needs at least "
+                        f"{10 * IMAGES_TEST_SHARE} (a tenth is held out for testing, at least "
+                        f"10). Add images.")
+    order = np.random.default_rng(1234).permutation(len(images))
+    test, train = order[:n_test], order[n_test:]
+    no_labels = np.full(len(images), NO_LABEL, dtype=np.int64)
+    return images[train], no_labels[train], images[test], no_labels[test]
+
+
 def resolve_data_dir(cfg: DataConfig) -> Optional[Path]:
     """--data-dir, else $GMWAE_DATA_DIR, else Debian's Fashion-MNIST folder, else None."""
     if cfg.data_dir:
@@ -208,6 +297,8 @@ def load_splits(cfg: DataConfig) -> Splits:
     if cfg.dataset in ("mnist", "fashion-mnist"):
         folder = resolve_data_dir(cfg)
         arrays = _from_idx_folder(folder) if folder is not None else _from_torchvision(cfg.dataset)
+    elif cfg.dataset in UNLABELLED_DATASETS:
+        arrays = _images(Path(cfg.data_dir).expanduser())
     elif cfg.dataset == "digits":
         arrays = _digits()
     else:
@@ -250,10 +341,11 @@ def describe_splits(cfg: DataConfig) -> dict:
     for which in ("train", "val", "test"):
         for tensor in splits.split(which):
             digest.update(tensor.numpy().tobytes())
-    folder = resolve_data_dir(cfg) if cfg.dataset in ("mnist", "fashion-mnist") else None
+    folder = (resolve_data_dir(cfg) if cfg.dataset in ("mnist", "fashion-mnist", *UNLABELLED_DATASETS)
+              else None)
     source = (str(folder.resolve()) if folder is not None else
               "torchvision" if cfg.dataset in ("mnist", "fashion-mnist") else
               "scikit-learn" if cfg.dataset == "digits" else "generated")
     return {"name": cfg.dataset, "source": source, "digest": digest.hexdigest()[:20],
             "sizes": {w: len(splits.split(w)[0]) for w in ("train", "val", "test")},
-            "split_seed": cfg.split_seed, "protocol": cfg.protocol}
+            "split_seed": cfg.split_seed, "protocol": cfg.protocol, "labelled": splits.labelled}

@@ -12,6 +12,12 @@ classes as errors (a search over K is pushed to K = 10 by the metric), many-to-o
 rises with K (K = N scores 1), and AMI is corrected for chance, so comparable across K.
 Collapse: `active_components`, `assignment_entropy`, `mean_entropy`, and the label-by-k
 matrix E[q(k|x) | label] (paper Fig. 5a).
+
+Label-free criteria, for data without labels (docs/concepts.md, "Choosing without labels"):
+`augment_ari` (agreement of the argmax q(k|x) of images and of randomly shifted and rotated
+copies), `silhouette` (separation of the clusters in latent space), with `mmd`, `recon_mse`
+and `assignment_entropy` from the images alone; `seed_stability` compares the clusterings of
+several runs of one configuration (confirm).
 """
 from __future__ import annotations
 
@@ -39,6 +45,10 @@ __all__ = [
     "assignment_entropy",
     "mean_entropy",
     "clustering_metrics",
+    "collapse_metrics",
+    "augment_ari",
+    "latent_silhouette",
+    "seed_stability",
 ]
 
 
@@ -47,6 +57,7 @@ EVAL_METRICS: dict[str, str] = {
     "nmi": "max", "ari": "max", "ami": "max",
     "active_components": "max", "assignment_entropy": "max", "mean_entropy": "min",
     "mmd": "min", "recon_mse": "min", "kl_discrete": "min", "kl_continuous": "min",
+    "augment_ari": "max", "silhouette": "max",
 }
 """Every metric Trainer.evaluate reports for a split (as `{split}/{name}`) and its better
 direction: max (higher is better) or min."""
@@ -186,7 +197,45 @@ def clustering_metrics(labels: np.ndarray, q_k: np.ndarray,
         "nmi": float(normalized_mutual_info_score(labels, clusters)),
         "ari": float(adjusted_rand_score(labels, clusters)),
         "ami": float(adjusted_mutual_info_score(labels, clusters)),
-        "active_components": float(active_components(clusters, q_k.shape[1])),
+        **collapse_metrics(q_k),
+    }
+
+
+def collapse_metrics(q_k: np.ndarray) -> dict[str, float]:
+    """The collapse metrics of one split from q(k|x) (N, K): they read no labels."""
+    return {
+        "active_components": float(active_components(q_k.argmax(1), q_k.shape[1])),
         "assignment_entropy": assignment_entropy(q_k),
         "mean_entropy": mean_entropy(q_k),
     }
+
+
+def augment_ari(clusters: np.ndarray, clusters_augmented: np.ndarray) -> float:
+    """Adjusted Rand index between the clusters of images and of transformed copies of the
+    same images (1: every image keeps its cluster; about 0: chance). Reads no labels."""
+    return float(adjusted_rand_score(np.asarray(clusters), np.asarray(clusters_augmented)))
+
+
+def latent_silhouette(codes: np.ndarray, clusters: np.ndarray) -> float:
+    """Mean silhouette of the codes (N, d) grouped by their clusters (N,), Euclidean: near 1
+    when clusters are tight and far apart. A clustering with fewer than two clusters
+    separates nothing and scores -1, the scale's worst. Reads no labels."""
+    from sklearn.metrics import silhouette_score
+
+    codes, clusters = np.asarray(codes, dtype=np.float64), np.asarray(clusters)
+    n_clusters = len(np.unique(clusters))
+    if n_clusters < 2 or n_clusters >= len(clusters):
+        return -1.0
+    return float(silhouette_score(codes, clusters, metric="euclidean"))
+
+
+def seed_stability(clusterings: list[np.ndarray]) -> float:
+    """Mean adjusted Rand index over every pair of clusterings of the same images (runs of
+    one configuration with different seeds): 1 when each seed finds the same partition, up
+    to the clusters' names. Needs two clusterings or more. Reads no labels."""
+    if len(clusterings) < 2:
+        raise ValueError(f"`clusterings` must hold at least 2 runs' clusters, but got "
+                         f"{len(clusterings)}. Run the configuration with two seeds or more.")
+    scores = [adjusted_rand_score(a, b) for i, a in enumerate(clusterings)
+              for b in clusterings[i + 1:]]
+    return float(np.mean(scores))

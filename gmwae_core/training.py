@@ -27,8 +27,9 @@ from torch.profiler import record_function
 from .augment import random_shift_rotate
 from .config import ConfigError, RunConfig, TrainConfig
 from .data import Splits
-from .metrics import (active_count, aggregate_entropy, cluster_acc_greedy, clustering_metrics,
-                      greedy_labels, label_by_k, majority_labels)
+from .metrics import (active_count, aggregate_entropy, augment_ari, cluster_acc_greedy,
+                      clustering_metrics, collapse_metrics, greedy_labels, label_by_k,
+                      latent_silhouette, majority_labels)
 from .networks import GMLVM
 from .families import FAMILY_DEFS, StepOutputs
 from .objectives import (balance_kl, consistency_kl, kl_categorical_uniform, kl_diag_gaussians,
@@ -79,6 +80,10 @@ def lr_factor(train: TrainConfig, step: int, steps_per_epoch: int,
 EVAL_BATCH = 500
 MMD_EVAL_POINTS = 1000  # held-out points in the fixed `mmd` estimator
 MMD_EVAL_SEED = 12345
+CRITERIA_EVAL_POINTS = 2000  # held-out points of augment_ari and silhouette
+AUGMENT_EVAL_SHIFT, AUGMENT_EVAL_DEGREES = 2, 10.0
+"""T(x) of `augment_ari`: fixed (the consistency term's defaults), so that trials with
+different training settings are scored against the same transformation."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -100,8 +105,8 @@ class EvalResult:
 
     metrics: dict[str, float]
     q_k: np.ndarray  # (N, K) q(k|x)
-    labels: np.ndarray  # (N,)
-    label_by_k: np.ndarray  # (n_labels, K) E[q(k|x) | label]
+    labels: np.ndarray  # (N,); -1 for images without labels
+    label_by_k: np.ndarray  # (n_labels, K) E[q(k|x) | label]; (0, K) without labels
 
 
 _DEVICE_CODES = {"cpu": 0, "cuda": 1, "mps": 2, "xpu": 3}
@@ -464,7 +469,9 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, split: str = "val") -> EvalResult:
-        """All DESIGN.md metrics on one split, as `{split}/...` keys. Deterministic."""
+        """All DESIGN.md metrics on one split, as `{split}/...` keys. Deterministic. On
+        images without labels (Splits.labelled is False) the metrics that read labels
+        (metrics.LABEL_METRICS) are left out, not estimated."""
         self.model.eval()
         x_all, y_all = self._eval_subset(split)
         q_ks, sq_err, kl_d, kl_c = [], 0.0, 0.0, 0.0
@@ -482,12 +489,18 @@ class Trainer:
         n = len(x_all)
         q_k_all = torch.cat(q_ks).cpu().double().numpy()
         labels = y_all.cpu().numpy()
-        # many-to-one accuracy: the map is fitted on validation, also when scoring test
-        k_to_label = None if split == "val" else self._majority_labels_on_val()
-        metrics = clustering_metrics(labels, q_k_all, k_to_label)
+        if self.splits.labelled:
+            # many-to-one accuracy: the map is fitted on validation, also when scoring test
+            k_to_label = None if split == "val" else self._majority_labels_on_val()
+            metrics = clustering_metrics(labels, q_k_all, k_to_label)
+            matrix = label_by_k(labels, q_k_all,
+                                max(int(labels.max()) + 1, self.splits.num_classes))
+        else:
+            metrics = collapse_metrics(q_k_all)
+            matrix = np.zeros((0, q_k_all.shape[1]))
         metrics.update({"mmd": self._held_out_mmd(x_all), "recon_mse": sq_err / n,
-                        "kl_discrete": kl_d / n, "kl_continuous": kl_c / n})
-        matrix = label_by_k(labels, q_k_all, max(int(labels.max()) + 1, self.splits.num_classes))
+                        "kl_discrete": kl_d / n, "kl_continuous": kl_c / n,
+                        **self._label_free_criteria(x_all)})
         return EvalResult({f"{split}/{k}": float(v) for k, v in metrics.items()}, q_k_all,
                           labels, matrix)
 
@@ -524,6 +537,27 @@ class Trainer:
         clusters = torch.cat([self.model.encode(x_all[i: i + EVAL_BATCH])[0].argmax(-1)
                               for i in range(0, len(x_all), EVAL_BATCH)])
         return majority_labels(y_all.cpu().numpy(), clusters.cpu().numpy(), self.cfg.model.K)
+
+    def _label_free_criteria(self, x_all: torch.Tensor) -> dict[str, float]:
+        """`augment_ari` and `silhouette` on a fixed subset, with a fixed seed: the argmax
+        q(k|x) of the images against that of one fixed random shift and rotation of each
+        (AUGMENT_EVAL_SHIFT, AUGMENT_EVAL_DEGREES), and the silhouette of the codes (the
+        mean of q(z|k,x) at each image's argmax k) grouped by that argmax."""
+        gen = torch.Generator(self.device).manual_seed(MMD_EVAL_SEED)
+        x = x_all[:CRITERIA_EVAL_POINTS]
+        clusters, clusters_t, codes = [], [], []
+        for i in range(0, len(x), EVAL_BATCH):
+            batch = x[i: i + EVAL_BATCH]
+            q_k_logits, q_z_mean, _ = self.model.encode(batch)
+            k = q_k_logits.argmax(-1)
+            clusters.append(k)
+            codes.append(q_z_mean[torch.arange(len(batch), device=self.device), k])
+            moved = random_shift_rotate(batch, AUGMENT_EVAL_SHIFT, AUGMENT_EVAL_DEGREES, gen)
+            clusters_t.append(self.model.q_k(moved).argmax(-1))
+        clusters_np = torch.cat(clusters).cpu().numpy()
+        return {"augment_ari": augment_ari(clusters_np, torch.cat(clusters_t).cpu().numpy()),
+                "silhouette": latent_silhouette(torch.cat(codes).float().cpu().numpy(),
+                                                clusters_np)}
 
     def _held_out_mmd(self, x_all: torch.Tensor) -> float:
         """MMD(q(z) || p(z)) with one z per point: k ~ q(k|x), z ~ q(z|k,x), against as many

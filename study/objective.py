@@ -13,18 +13,31 @@ from typing import Any, Callable, Iterable, Optional, TypeVar
 from gmwae_core.config import ConfigError
 from gmwae_core.metrics import EVAL_METRICS, LABEL_METRICS
 
-__all__ = ["Objective", "DEFAULT_METRIC", "K_SEARCH_METRIC", "default_metric",
-           "reported_metrics"]
+__all__ = ["Objective", "DEFAULT_METRIC", "K_SEARCH_METRIC", "LABEL_FREE_METRIC",
+           "default_metric", "reported_metrics", "label_free_metrics"]
 
 DEFAULT_METRIC = "val/cluster_acc"
 """Hungarian accuracy, the paper's headline: the objective when K is not searched."""
 K_SEARCH_METRIC = "val/ami"
 """Adjusted mutual information, comparable across K: the objective when K is searched."""
+LABEL_FREE_METRIC = "val/augment_ari"
+"""The objective on data without labels, and the one to use wherever validation labels
+should not steer the choice: the criterion benchmarks/selection.py picks best
+(docs/decisions/label-free-objective.md)."""
 T = TypeVar("T")
 
 
-def default_metric(searched: Iterable[str]) -> str:
+def default_metric(searched: Iterable[str], labelled: bool = True) -> str:
+    """The objective a spec gets when it names none: on data without labels
+    LABEL_FREE_METRIC; else val/ami when K is searched, val/cluster_acc otherwise."""
+    if not labelled:
+        return LABEL_FREE_METRIC
     return K_SEARCH_METRIC if "K" in set(searched) else DEFAULT_METRIC
+
+
+def label_free_metrics() -> list[str]:
+    """The `val/` metrics that read the images alone (usable on data without labels)."""
+    return [f"val/{name}" for name in EVAL_METRICS if name not in LABEL_METRICS]
 
 
 def reported_metrics() -> list[str]:

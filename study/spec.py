@@ -33,10 +33,10 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-from gmwae_core.config import (DATASETS, FAMILIES, PRESETS, ConfigError, RunConfig,
-                               canonical_key, coerce_field, reject_unknown_keys)
+from gmwae_core.config import (DATASETS, FAMILIES, PRESETS, UNLABELLED_DATASETS, ConfigError,
+                               RunConfig, canonical_key, coerce_field, reject_unknown_keys)
 
-from .objective import Objective, default_metric
+from .objective import LABEL_FREE_METRIC, Objective, default_metric, label_free_metrics
 
 __all__ = ["StudySpec", "Scheduler", "Resources", "Storage", "load_spec", "SpecError",
            "apply_sets"]
@@ -108,16 +108,19 @@ class StudySpec:
     """A shipped space's name (search_spaces/NAME.yaml), a YAML file's path, or the
     parameters inline as a mapping (search_spaces: Optuna's vocabulary)."""
     dataset: str = "mnist"
-    """mnist, fashion-mnist, digits (scikit-learn's, offline) or synthetic."""
+    """mnist, fashion-mnist, digits (scikit-learn's, offline), synthetic, or images: your
+    own images without labels (a folder of image files or an .npy array, at `data_dir`)."""
     data_dir: Optional[str] = None
-    """Folder with the dataset's IDX files (gzipped or not); None: $GMWAE_DATA_DIR."""
+    """Folder with the dataset's IDX files (gzipped or not); None: $GMWAE_DATA_DIR. For
+    dataset images: the folder of image files or the .npy array (required)."""
     preset: str = "cpu"
     """The gmwae_core preset (cpu or paper) that fixed and searched values override."""
     fixed: dict = field(default_factory=dict)
     """RunConfig values fixed for every trial (bare or dotted keys)."""
     metric: Optional[str] = None
     """The validation metric the search optimises (study.objective); None: val/ami when
-    the space searches K (comparable across K), else val/cluster_acc."""
+    the space searches K (comparable across K), else val/cluster_acc; on images without
+    labels, val/augment_ari (metrics that read labels are refused there)."""
     mode: Optional[str] = None
     """max or min; None: the metric's own direction."""
     trials: int = 6
@@ -203,12 +206,17 @@ class StudySpec:
             _fail("node_wait_minutes", "must be positive", self.node_wait_minutes, "Use 20.")
         if self.max_concurrent < 1:
             _fail("max_concurrent", "must be at least 1", self.max_concurrent, "Use 2.")
+        labelled = self.dataset not in UNLABELLED_DATASETS
         if self.metric is None:
-            object.__setattr__(self, "metric", default_metric(self.searched_keys()))
+            object.__setattr__(self, "metric", default_metric(self.searched_keys(), labelled))
         try:
             objective = Objective(self.metric, self.mode)
         except ConfigError as e:
             raise SpecError(str(e)) from None
+        if objective.reads_labels and not labelled:
+            _fail("metric", f"reads labels, but dataset {self.dataset} has none", self.metric,
+                  f"Use metric: {LABEL_FREE_METRIC}, or another metric that reads the images "
+                  f"alone: {', '.join(label_free_metrics())}.")
         object.__setattr__(self, "mode", objective.mode)
         self.run_config(self.families[0], {})  # the fixed values must make a valid run config
         for family in self.families:  # and so must the space's corners, before any trial

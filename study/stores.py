@@ -109,8 +109,16 @@ def resolve_study_data(spec: StudySpec) -> StudySpec:
     Trials run in their own working folders (and, on a cluster, on other nodes), so a
     relative --data-dir or GMWAE_DATA_DIR would not resolve there.
     """
-    from gmwae_core.data import find_idx_files, resolve_data_dir
+    from gmwae_core.config import UNLABELLED_DATASETS
+    from gmwae_core.data import DataError, find_idx_files, resolve_data_dir
 
+    if spec.dataset in UNLABELLED_DATASETS:
+        images = Path(spec.data_dir).expanduser()
+        if not images.exists():
+            raise DataError(f"`data_dir` {images} does not exist (resolved from "
+                            f"{Path.cwd()}). Point it at the folder of your images or their "
+                            f".npy array, absolute or relative to where the study runs.")
+        return dataclasses.replace(spec, data_dir=str(images.resolve()))
     folder = resolve_data_dir(spec.run_config(spec.families[0], {}).data)
     if spec.dataset not in ("mnist", "fashion-mnist") or folder is None:
         return spec
