@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from gmwae_core.config import FAMILIES
+from gmwae_core.config import DATASETS, FAMILIES
 
 __all__ = ["main"]
 
@@ -38,10 +38,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--family", choices=list(FAMILIES), default=FAMILIES[0])
     p.add_argument("--preset", choices=["paper", "cpu"], default="cpu",
                    help="paper: Section 3 of the paper (GPU); cpu: narrower decoder, S=1 (default)")
-    p.add_argument("--dataset", choices=["mnist", "fashion-mnist", "digits", "synthetic"],
+    p.add_argument("--dataset", choices=list(DATASETS),
                    default=None, help="default: mnist")
     p.add_argument("--data-dir", default=None,
-                   help="folder with the four IDX files (default: $GMWAE_DATA_DIR, then download)")
+                   help="folder with the four IDX files (default: $GMWAE_DATA_DIR, then "
+                        "download); for --dataset images, your images' folder or .npy file")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--epochs", type=int, default=None, help="epochs to train")
     budget.add_argument("--minutes", type=float, default=None,
@@ -59,7 +60,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="recompute the test metrics of a saved checkpoint")
     p.add_argument("checkpoint", help="a checkpoint folder (OUT/checkpoint of a run, or an export)")
-    p.add_argument("--dataset", choices=["mnist", "fashion-mnist", "digits", "synthetic"],
+    p.add_argument("--dataset", choices=list(DATASETS),
                    default=None, help="default: the checkpoint's dataset")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--protocol", choices=["standard", "paper"], default=None,
@@ -176,8 +177,9 @@ class _Bar:
 
     def epoch(self, epoch: int, row: dict) -> None:
         if self.bar is not None:
-            self.bar.set_postfix(epoch=epoch, val_acc=f"{row['val/cluster_acc']:.3f}",
-                                 active=int(row["val/active_components"]))
+            shown = ({"val_acc": f"{row['val/cluster_acc']:.3f}"} if "val/cluster_acc" in row
+                     else {"augment_ari": f"{row['val/augment_ari']:.3f}"})  # images without labels
+            self.bar.set_postfix(epoch=epoch, **shown, active=int(row["val/active_components"]))
 
     def close(self) -> None:
         if self.bar is not None:
@@ -212,9 +214,11 @@ def _train(args: argparse.Namespace) -> int:
 
 def _print_summary(metrics: dict, out: Path) -> None:
     keys = ["cluster_acc", "cluster_acc_greedy", "nmi", "ari", "active_components",
-            "assignment_entropy", "mmd", "recon_mse"]
+            "assignment_entropy", "mmd", "recon_mse", "augment_ari", "silhouette"]
     print(f"{'metric':<22}{'val':>10}{'test':>10}")
     for k in keys:
+        if f"val/{k}" not in metrics and f"test/{k}" not in metrics:
+            continue  # a metric that reads labels, on images without them
         print(f"{k:<22}{metrics.get('val/' + k, float('nan')):>10.4f}"
               f"{metrics.get('test/' + k, float('nan')):>10.4f}")
     print(f"epochs {metrics['run/epochs']:.0f}, steps {metrics['run/steps']:.0f}, "

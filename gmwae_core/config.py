@@ -238,6 +238,10 @@ class DataConfig:
                "must be at least 10 when given", self.eval_size, "Leave it unset to use all.")
         _check(self.protocol in PROTOCOLS, "data.protocol", f"must be one of {PROTOCOLS}",
                self.protocol, "Use standard, or paper for the paper's pooled hold-out.")
+        _check(self.protocol == "standard" or self.dataset not in UNLABELLED_DATASETS,
+               "data.protocol", f"must be standard for dataset {self.dataset} (the paper's "
+               f"protocol maps clusters to labels, and these images have none)", self.protocol,
+               "Use data.protocol=standard.")
 
 
 @dataclass(frozen=True)

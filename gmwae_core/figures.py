@@ -5,7 +5,7 @@
     near_mode_samples.png   the same with sigma0 halved                                           (2c)
     interpolations.png      decoded straight lines between the codes of two test images            (3a)
     mode_interpolations.png decoded straight lines between neighbouring mode means mu0_k           (3b)
-    label_by_k.png          E[q(k|x) | label]                                                      (5a)
+    label_by_k.png          E[q(k|x) | label]; not drawn for images without labels            (5a)
     latent_embedding.png    2-D t-SNE of z ~ q(z|x) on test images, by label, with prior samples   (5b)
 
 matplotlib is imported here only (Agg backend): the training loop never pays for it.
@@ -114,19 +114,8 @@ def write_figures(trainer: Trainer, result: EvalResult, folder: str | Path, spli
     _save_grid(_decode(trainer, z), paths[-1], "interpolations mu0_k -> mu0_(k+1)", ylabel="k")
 
     plt = _plt()
-    # 5a: the label-by-k matrix.
-    fig, ax = plt.subplots(figsize=(0.5 * K + 2, 0.5 * result.label_by_k.shape[0] + 1))
-    im = ax.imshow(result.label_by_k, cmap="viridis", vmin=0, vmax=1, aspect="auto")
-    ax.set_xlabel("k")
-    ax.set_ylabel("label")
-    ax.set_xticks(range(K))
-    ax.set_yticks(range(result.label_by_k.shape[0]))
-    ax.set_title("E[q(k|x) | label]")
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    paths.append(folder / "label_by_k.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    if result.label_by_k.shape[0]:  # 5a: the label-by-k matrix (images with labels only)
+        paths.append(_label_by_k_figure(plt, result, K, folder))
 
     # 5b (the paper uses UMAP): z ~ q(z|x) = sum_k q(k|x) q(z|k,x) for up to 1000 test images, and 1000 prior samples.
     from sklearn.manifold import TSNE
@@ -144,8 +133,11 @@ def write_figures(trainer: Trainer, result: EvalResult, folder: str | Path, spli
            .fit_transform(both) if both.shape[1] > 2 else both)
     fig, ax = plt.subplots(figsize=(6, 5))
     ax.scatter(emb[n:, 0], emb[n:, 1], s=4, c="lightgrey", label="prior samples")
-    sc = ax.scatter(emb[:n, 0], emb[:n, 1], s=4, c=y_all[:n].cpu().numpy(), cmap="tab10")
-    fig.colorbar(sc, ax=ax, label="label")
+    labels = y_all[:n].cpu().numpy()
+    coloured_by = "label" if labels.min() >= 0 else "cluster (no labels)"
+    sc = ax.scatter(emb[:n, 0], emb[:n, 1], s=4, c=labels if labels.min() >= 0 else k.cpu().numpy(),
+                    cmap="tab10")
+    fig.colorbar(sc, ax=ax, label=coloured_by)
     ax.legend(loc="best", fontsize=8)
     ax.set_title("z ~ q(z|x) on test images (t-SNE), prior samples in grey")
     fig.tight_layout()
@@ -153,3 +145,20 @@ def write_figures(trainer: Trainer, result: EvalResult, folder: str | Path, spli
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
     return paths
+
+
+def _label_by_k_figure(plt, result: EvalResult, K: int, folder: Path) -> Path:
+    """Paper Fig. 5a: E[q(k|x) | label], one row per label."""
+    fig, ax = plt.subplots(figsize=(0.5 * K + 2, 0.5 * result.label_by_k.shape[0] + 1))
+    im = ax.imshow(result.label_by_k, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    ax.set_xlabel("k")
+    ax.set_ylabel("label")
+    ax.set_xticks(range(K))
+    ax.set_yticks(range(result.label_by_k.shape[0]))
+    ax.set_title("E[q(k|x) | label]")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    path = folder / "label_by_k.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -15,7 +15,8 @@ matrix E[q(k|x) | label] (paper Fig. 5a).
 
 Label-free criteria, for data without labels (docs/concepts.md, "Choosing without labels"):
 `augment_ari` (agreement of the argmax q(k|x) of images and of randomly shifted and rotated
-copies), `silhouette` (separation of the clusters in latent space), with `mmd`, `recon_mse`
+copies), `augment_mi` (the mutual information of those two assignments, which rewards
+using the K clusters evenly as well as agreeing), `silhouette` (separation of the clusters in latent space), with `mmd`, `recon_mse`
 and `assignment_entropy` from the images alone; `seed_stability` compares the clusterings of
 several runs of one configuration (confirm).
 """
@@ -47,6 +48,7 @@ __all__ = [
     "clustering_metrics",
     "collapse_metrics",
     "augment_ari",
+    "augment_mi",
     "latent_silhouette",
     "seed_stability",
 ]
@@ -57,7 +59,7 @@ EVAL_METRICS: dict[str, str] = {
     "nmi": "max", "ari": "max", "ami": "max",
     "active_components": "max", "assignment_entropy": "max", "mean_entropy": "min",
     "mmd": "min", "recon_mse": "min", "kl_discrete": "min", "kl_continuous": "min",
-    "augment_ari": "max", "silhouette": "max",
+    "augment_ari": "max", "augment_mi": "max", "silhouette": "max",
 }
 """Every metric Trainer.evaluate reports for a split (as `{split}/{name}`) and its better
 direction: max (higher is better) or min."""
@@ -212,8 +214,31 @@ def collapse_metrics(q_k: np.ndarray) -> dict[str, float]:
 
 def augment_ari(clusters: np.ndarray, clusters_augmented: np.ndarray) -> float:
     """Adjusted Rand index between the clusters of images and of transformed copies of the
-    same images (1: every image keeps its cluster; about 0: chance). Reads no labels."""
-    return float(adjusted_rand_score(np.asarray(clusters), np.asarray(clusters_augmented)))
+    same images (1: every image keeps its cluster; about 0: chance). A clustering that puts
+    every image in one cluster agrees with itself trivially and scores 0. Reads no labels."""
+    clusters, clusters_augmented = np.asarray(clusters), np.asarray(clusters_augmented)
+    if len(np.unique(clusters)) < 2 or len(np.unique(clusters_augmented)) < 2:
+        return 0.0
+    return float(adjusted_rand_score(clusters, clusters_augmented))
+
+
+def augment_mi(q_k: np.ndarray, q_k_augmented: np.ndarray) -> float:
+    """Mutual information between the cluster k of an image and k' of a transformed copy,
+    from the joint P(k, k') = mean_x q(k|x) q(k'|T(x)) (symmetrised), divided by log K:
+    1 when the K clusters are equally used, every image is certain and keeps its cluster;
+    0 when one cluster takes every image, or q(k|x) is the same for every image (the
+    objective of Ji et al., "Invariant information clustering", ICCV 2019, read as a
+    score). Reads no labels."""
+    q_k = np.asarray(q_k, dtype=np.float64)
+    q_t = np.asarray(q_k_augmented, dtype=np.float64)
+    joint = q_k.T @ q_t / len(q_k)
+    joint = (joint + joint.T) / 2
+    joint /= joint.sum()
+    marginal = joint.sum(1)
+    outer = np.outer(marginal, marginal)
+    nz = joint > 0
+    mi = float((joint[nz] * np.log(joint[nz] / outer[nz])).sum())
+    return max(0.0, mi / math.log(q_k.shape[1]))
 
 
 def latent_silhouette(codes: np.ndarray, clusters: np.ndarray) -> float:

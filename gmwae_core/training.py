@@ -27,7 +27,7 @@ from torch.profiler import record_function
 from .augment import random_shift_rotate
 from .config import ConfigError, RunConfig, TrainConfig
 from .data import Splits
-from .metrics import (active_count, aggregate_entropy, augment_ari, cluster_acc_greedy,
+from .metrics import (active_count, aggregate_entropy, augment_ari, augment_mi, cluster_acc_greedy,
                       clustering_metrics, collapse_metrics, greedy_labels, label_by_k,
                       latent_silhouette, majority_labels)
 from .networks import GMLVM
@@ -539,25 +539,28 @@ class Trainer:
         return majority_labels(y_all.cpu().numpy(), clusters.cpu().numpy(), self.cfg.model.K)
 
     def _label_free_criteria(self, x_all: torch.Tensor) -> dict[str, float]:
-        """`augment_ari` and `silhouette` on a fixed subset, with a fixed seed: the argmax
+        """`augment_ari`, `augment_mi` and `silhouette` on a fixed subset, with a fixed seed:
         q(k|x) of the images against that of one fixed random shift and rotation of each
         (AUGMENT_EVAL_SHIFT, AUGMENT_EVAL_DEGREES), and the silhouette of the codes (the
         mean of q(z|k,x) at each image's argmax k) grouped by that argmax."""
         gen = torch.Generator(self.device).manual_seed(MMD_EVAL_SEED)
         x = x_all[:CRITERIA_EVAL_POINTS]
-        clusters, clusters_t, codes = [], [], []
+        q_ks, q_ks_t, codes = [], [], []
         for i in range(0, len(x), EVAL_BATCH):
             batch = x[i: i + EVAL_BATCH]
             q_k_logits, q_z_mean, _ = self.model.encode(batch)
-            k = q_k_logits.argmax(-1)
-            clusters.append(k)
-            codes.append(q_z_mean[torch.arange(len(batch), device=self.device), k])
+            q_ks.append(torch.softmax(q_k_logits.float(), -1))
+            codes.append(q_z_mean[torch.arange(len(batch), device=self.device),
+                                  q_k_logits.argmax(-1)])
             moved = random_shift_rotate(batch, AUGMENT_EVAL_SHIFT, AUGMENT_EVAL_DEGREES, gen)
-            clusters_t.append(self.model.q_k(moved).argmax(-1))
-        clusters_np = torch.cat(clusters).cpu().numpy()
-        return {"augment_ari": augment_ari(clusters_np, torch.cat(clusters_t).cpu().numpy()),
+            q_ks_t.append(torch.softmax(self.model.q_k(moved).float(), -1))
+        q_k = torch.cat(q_ks).double().cpu().numpy()
+        q_k_t = torch.cat(q_ks_t).double().cpu().numpy()
+        clusters = q_k.argmax(1)
+        return {"augment_ari": augment_ari(clusters, q_k_t.argmax(1)),
+                "augment_mi": augment_mi(q_k, q_k_t),
                 "silhouette": latent_silhouette(torch.cat(codes).float().cpu().numpy(),
-                                                clusters_np)}
+                                                clusters)}
 
     def _held_out_mmd(self, x_all: torch.Tensor) -> float:
         """MMD(q(z) || p(z)) with one z per point: k ~ q(k|x), z ~ q(z|k,x), against as many

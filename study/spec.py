@@ -214,7 +214,8 @@ class StudySpec:
         except ConfigError as e:
             raise SpecError(str(e)) from None
         if objective.reads_labels and not labelled:
-            _fail("metric", f"reads labels, but dataset {self.dataset} has none", self.metric,
+            _fail("metric", f"must read the images alone (dataset {self.dataset} has no labels)",
+                  self.metric,
                   f"Use metric: {LABEL_FREE_METRIC}, or another metric that reads the images "
                   f"alone: {', '.join(label_free_metrics())}.")
         object.__setattr__(self, "mode", objective.mode)

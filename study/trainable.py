@@ -27,8 +27,10 @@ from gmwae_core.figures import write_figures
 from .search import ITERATION, RESUME_FROM, private_keys_removed
 
 __all__ = ["TrialSetup", "cached_splits", "train_trial", "NoCudaError", "require_cuda",
-           "NO_CUDA"]
+           "NO_CUDA", "TEST_CLUSTERS"]
 
+TEST_CLUSTERS = "test_clusters.json"
+"""In a confirm trial's last checkpoint: the argmax q(k|x) of every test image."""
 NO_CUDA = "NoCudaError"
 """The name a trial's error carries when it asked for a GPU and found no CUDA device (the
 driver's NoCudaStop reads it in the trial's error text and stops the study)."""
@@ -109,10 +111,14 @@ def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         iteration += 1
         metrics = {**train_metrics, **val.metrics, ITERATION: iteration,
                    "steps": trainer.step, "train_seconds": trainer.train_seconds}
+        test = None
         if setup.test_at_end and iteration == setup.spec.max_iterations:
-            metrics.update(trainer.evaluate("test").metrics)
+            test = trainer.evaluate("test")
+            metrics.update(test.metrics)
         with tempfile.TemporaryDirectory() as tmp:
             save_checkpoint(trainer, Path(tmp) / "checkpoint", metrics)
+            if test is not None:  # each test image's cluster: confirm compares the seeds'
+                (Path(tmp) / TEST_CLUSTERS).write_text(json.dumps(test.q_k.argmax(1).tolist()))
             # For the tracker and the dashboards: step history (paper Fig. 1), label-by-k (5a).
             (Path(tmp) / "history.json").write_text(json.dumps(trainer.history))
             (Path(tmp) / "label_by_k.json").write_text(json.dumps(val.label_by_k.tolist()))
