@@ -321,6 +321,7 @@ def _study(args: argparse.Namespace) -> int:
         from study.objective import Objective
         from study.status import find_spec
 
+        nan = float("nan")
         rows = export_study(find_spec(args.study), args.out, args.top, args.family,
                             args.registry_uri)
         ran = rows[0]["objective"]  # the trials were chosen by it: its column comes first
@@ -331,8 +332,9 @@ def _study(args: argparse.Namespace) -> int:
         for r in rows:
             m, value = r["metrics"], r["objective"]["value"]
             print(f"{r['family']:<8}{r['optuna_trial']:>6}"
-                  f"{float('nan') if value is None else value:>{width}.4g}{m['val/cluster_acc']:>9.3f}"
-                  f"{m['test/cluster_acc']:>9.3f}{m['test/active_components']:>7.0f}  "
+                  f"{float('nan') if value is None else value:>{width}.4g}"
+                  f"{m.get('val/cluster_acc', nan):>9.3f}"  # absent for images without labels
+                  f"{m.get('test/cluster_acc', nan):>9.3f}{m['test/active_components']:>7.0f}  "
                   f"{r['registered_model']} v{r['version']}  {r['folder']}")
         print(f"wrote {Path(args.out) / 'export.json'}; check one with "
               f"`gmwae evaluate {rows[0]['folder']} --check`")

@@ -378,3 +378,37 @@ def test_driver_rejects_slots_that_are_not_positive_integers(tmp_path):
                               capture_output=True, text=True, timeout=120, cwd=ROOT)
         assert done.returncode == 2 and "--slots must be" in done.stderr
         assert not (tmp_path / "d.json").exists()
+
+
+def test_selection_smoke_scores_every_label_free_criterion_against_test_accuracy(tmp_path):
+    out = run("selection.py", "--smoke", "--out", tmp_path / "s.json")
+    result = json.loads((tmp_path / "s.json").read_text())
+    assert_provenance(result, "selection.py")
+    selection = load_benchmark("selection.py")
+    from gmwae_core.metrics import EVAL_METRICS, LABEL_METRICS
+
+    assert set(selection.CRITERIA) == {f"val/{m}" for m in EVAL_METRICS if m not in LABEL_METRICS}
+    assert {t["family"] for t in result["trials"]} == {"gmwae", "gmvae"}
+    for family, fam in result["summary"].items():
+        trials = [t for t in result["trials"] if t["family"] == family and "metrics" in t]
+        assert fam["finished"] == len(trials) >= 2
+        accs = [t["metrics"]["test/cluster_acc"] for t in trials]
+        labelled = max(trials, key=lambda t: t["metrics"]["val/cluster_acc"])
+        for metric, c in fam["criteria"].items():
+            # the regret is recomputed here from the trials the file keeps
+            sign = 1 if EVAL_METRICS[metric.split("/")[1]] == "max" else -1
+            pick = max(trials, key=lambda t: sign * t["metrics"][metric])
+            assert c["picked_target"] == pick["metrics"]["test/cluster_acc"]
+            assert c["regret"] == labelled["metrics"]["test/cluster_acc"] - c["picked_target"]
+            assert c["regret_oracle"] == max(accs) - c["picked_target"] >= 0
+            assert c["reads_labels"] == (metric == "val/cluster_acc")
+        assert fam["criteria"]["val/cluster_acc"]["regret"] == 0
+    assert "regret" in out and "val/augment_mi" in out
+
+
+def test_selection_refuses_a_target_that_is_not_a_labelled_test_metric(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "selection.py"), "--smoke",
+                           "--target", "val/cluster_acc", "--out", tmp_path / "s.json"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and "--target must be a test metric" in proc.stderr
+    assert not (tmp_path / "s.json").exists()

@@ -175,3 +175,76 @@ def test_a_failed_download_leaves_no_folder_behind_and_says_what_to_do(tmp_path)
     assert "Pass --data-dir DIR (or set GMWAE_DATA_DIR)" in done.stderr
     cache = tmp_path / "cache" / "gmwae"
     assert sorted(p.name for p in cache.iterdir()) == [".mnist.lock"]
+
+
+def _digit_pngs(folder, n):
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    folder.mkdir(parents=True)
+    for i, img in enumerate(load_digits().images[:n]):
+        (folder / f"sub{i % 2}").mkdir(exist_ok=True)
+        Image.fromarray((img * 255 / 16).astype(np.uint8)).save(folder / f"sub{i % 2}" / f"{i}.png")
+
+
+def test_a_folder_of_images_loads_without_labels_and_evaluates_only_label_free_metrics(tmp_path):
+    from gmwae_core import Trainer, from_preset
+
+    _digit_pngs(tmp_path / "images", 300)
+    (tmp_path / "images" / "notes.txt").write_text("not an image: skipped")
+    cfg = from_preset("cpu", {"dataset": "images", "data_dir": str(tmp_path / "images"),
+                              "decoder_width": 8, "pretrain_steps": 2})
+    splits = load_splits(cfg.data)
+    assert not splits.labelled and splits.num_classes == 0
+    sizes = [len(splits.split(w)[0]) for w in ("train", "val", "test")]
+    assert sum(sizes) == 300 and sizes[2] == 30  # a tenth held out for testing
+    assert splits.train_x.shape[1:] == (1, 28, 28) and 0.0 <= splits.train_x.min() < splits.train_x.max() <= 1.0
+    assert (splits.test_y == -1).all()
+    trainer = Trainer(cfg, splits)
+    trainer.train_steps(3)
+    result = trainer.evaluate("val")
+    names = {k.split("/", 1)[1] for k in result.metrics}
+    assert {"augment_ari", "augment_mi", "silhouette", "mmd", "recon_mse",
+            "assignment_entropy", "active_components"} <= names
+    assert not names & {"cluster_acc", "ami", "nmi", "ari", "cluster_acc_greedy"}
+    assert result.label_by_k.shape == (0, cfg.model.K)
+
+
+def test_an_npy_array_of_images_loads_in_each_layout(tmp_path):
+    from sklearn.datasets import load_digits
+
+    digits = (load_digits().images[:200] / 16.0).astype(np.float32)  # (N, 8, 8) in [0, 1]
+    for name, array in (("nhw.npy", digits), ("nchw.npy", digits[:, None]),
+                        ("nhwc.npy", np.repeat(digits[..., None], 3, -1)),
+                        ("uint8.npy", (digits * 255).astype(np.uint8))):
+        np.save(tmp_path / name, array)
+        splits = load_splits(DataConfig(dataset="images", data_dir=str(tmp_path / name)))
+        assert splits.train_x.shape[1:] == (1, 28, 28) and not splits.labelled, name
+        assert len(splits.test_x) == 20
+
+
+def test_bad_image_data_says_what_is_wrong_and_how_to_fix_it(tmp_path):
+    from gmwae_core import ConfigError
+
+    with pytest.raises(ConfigError, match="`data.data_dir` must name the images"):
+        DataConfig(dataset="images")
+    with pytest.raises(ConfigError, match="must be standard for dataset images"):
+        DataConfig(dataset="images", data_dir="x", protocol="paper")
+    cases = {
+        "empty": (None, "holds no image files"),
+        "range.npy": (np.full((200, 8, 8), 255.0), "must lie in \\[0, 1\\]"),
+        "shape.npy": (np.zeros((200, 8)), "must be \\(N, H, W\\)"),
+        "few.npy": (np.zeros((50, 8, 8), dtype=np.uint8), "needs at least 100"),
+        "missing": (None, "neither a folder nor an .npy file"),
+    }
+    (tmp_path / "empty").mkdir()
+    for name, (array, message) in cases.items():
+        if array is not None:
+            np.save(tmp_path / name, array)
+        with pytest.raises(DataError, match=message):
+            load_splits(DataConfig(dataset="images", data_dir=str(tmp_path / name)))
+    broken = tmp_path / "broken"
+    _digit_pngs(broken, 120)
+    (broken / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="Could not read image .*bad.png"):
+        load_splits(DataConfig(dataset="images", data_dir=str(broken)))

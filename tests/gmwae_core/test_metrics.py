@@ -105,3 +105,65 @@ def test_ami_is_chance_corrected_and_comparable_across_K():
     assert m["cluster_acc"] == pytest.approx(0.5, abs=0.03)
     perfect = clustering_metrics(labels, np.eye(10)[labels])
     assert perfect["ami"] == pytest.approx(1.0) and perfect["cluster_acc_many"] == 1.0
+
+
+def test_augment_ari_is_one_for_kept_clusters_whatever_their_names_and_zero_for_one_cluster():
+    from gmwae_core.metrics import augment_ari
+
+    clusters = np.repeat(np.arange(5), 40)
+    assert augment_ari(clusters, (clusters + 2) % 5) == pytest.approx(1.0)
+    moved = clusters.copy()
+    moved[::4] = (moved[::4] + 1) % 5  # a quarter of the images change cluster
+    assert 0.2 < augment_ari(clusters, moved) < 0.9
+    one = np.zeros(200, dtype=int)  # collapse agrees with itself trivially: no credit
+    assert augment_ari(one, one) == 0.0
+
+
+def test_augment_mi_rewards_even_certain_kept_clusters_and_gives_collapse_nothing():
+    from gmwae_core.metrics import augment_mi
+
+    K = 8
+    even = np.eye(K)[np.arange(800) % K]
+    assert augment_mi(even, even) == pytest.approx(1.0)
+    collapsed = np.zeros((800, K))
+    collapsed[:, 0] = 1.0
+    assert augment_mi(collapsed, collapsed) == pytest.approx(0.0, abs=1e-12)
+    unsure = np.full((800, K), 1.0 / K)  # every image the same q(k|x): nothing learnt
+    assert augment_mi(unsure, unsure) == pytest.approx(0.0, abs=1e-12)
+    half = np.eye(K)[np.arange(800) % 2]  # two of the K clusters used
+    assert augment_mi(half, half) == pytest.approx(np.log(2) / np.log(K))
+    shuffled = even[np.random.default_rng(0).permutation(800)]  # T(x) lands anywhere
+    assert augment_mi(even, shuffled) < 0.05
+
+
+def test_latent_silhouette_separates_tight_far_clusters_and_scores_one_cluster_worst():
+    from gmwae_core.metrics import latent_silhouette
+
+    rng = np.random.default_rng(0)
+    clusters = np.repeat(np.arange(3), 50)
+    centres = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    tight = centres[clusters] + rng.normal(0, 0.1, (150, 2))
+    assert latent_silhouette(tight, clusters) > 0.9
+    mixed = rng.normal(0, 1, (150, 2))
+    assert abs(latent_silhouette(mixed, clusters)) < 0.1
+    assert latent_silhouette(tight, np.zeros(150, dtype=int)) == -1.0
+
+
+def test_seed_stability_is_the_mean_pairwise_ari_and_needs_two_runs():
+    from gmwae_core.metrics import seed_stability
+
+    a = np.repeat(np.arange(4), 25)
+    b = (a + 1) % 4  # the same partition, other names
+    c = np.random.default_rng(0).integers(0, 4, 100)
+    assert seed_stability([a, b]) == pytest.approx(1.0)
+    assert seed_stability([a, b, c]) < 0.5
+    with pytest.raises(ValueError, match="at least 2"):
+        seed_stability([a])
+
+
+def test_every_label_free_metric_has_a_direction_and_no_label_metric_is_among_them():
+    from gmwae_core.metrics import EVAL_METRICS, LABEL_METRICS
+
+    assert {"augment_ari", "augment_mi", "silhouette"} <= set(EVAL_METRICS) - LABEL_METRICS
+    assert LABEL_METRICS <= set(EVAL_METRICS)
+    assert set(EVAL_METRICS.values()) == {"min", "max"}

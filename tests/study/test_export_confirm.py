@@ -309,4 +309,8 @@ def test_confirm_table_matches_the_child_runs(study):
             values = [r.data.metrics[key] for r in mine]
             assert row["summary"][key]["mean"] == pytest.approx(statistics.fmean(values))
             assert row["summary"][key]["std"] == pytest.approx(statistics.stdev(values))
+        # the seeds' test clusterings, compared pairwise (label-free): one ARI for 2 seeds
+        assert -1.0 <= row["seed_stability"] <= 1.0
+        assert f"{row['seed_stability']:.3f} |" in (out / "confirm.md").read_text()
+    assert "seed stability" in (out / "confirm.md").read_text()
     assert gmwae("study", "confirm", spec, "--seeds", "1", cwd=folder).returncode == 2

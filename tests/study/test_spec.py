@@ -183,3 +183,25 @@ def test_a_study_recorded_before_points_existed_still_resumes():
     pointed = spec_from_dict({**spec.to_dict(), "points": {"gmwae": [{"K": 12}]}})
     with pytest.raises(SpecError, match=r"spec changed in points: recorded \{\}, now"):
         spec_for_resume(pointed, recorded)
+
+
+def test_images_without_labels_default_to_the_label_free_objective():
+    from study.objective import LABEL_FREE_METRIC
+
+    spec = spec_from_dict({"name": "s", "dataset": "images", "data_dir": "images",
+                           "space": "quickstart"})
+    assert spec.metric == LABEL_FREE_METRIC and not spec.objective.reads_labels
+    with pytest.raises(SpecError, match=r"`metric` must read the images alone.*val/ami"):
+        spec_from_dict({"name": "s", "dataset": "images", "data_dir": "images",
+                        "metric": "val/ami"})
+
+
+@pytest.mark.parametrize("metric,mode", [("val/augment_ari", "max"), ("val/augment_mi", "max"),
+                                         ("val/silhouette", "max"), ("val/mmd", "min"),
+                                         ("val/recon_mse", "min")])
+def test_study_validate_accepts_each_label_free_metric_with_its_direction(metric, mode):
+    done = subprocess.run([GMWAE, "study", "validate", str(ROOT / "studies/quickstart.yaml"),
+                           "--set", f"metric={metric}"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"objective: {mode} {metric} (label-free" in done.stdout
