@@ -263,12 +263,18 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 def search_insight(data: StudyData) -> dict[str, dict[str, Any]]:
     """Per family: importances, the finished trials' params with accuracy, MMD and active
     components (for parallel coordinates and scatter plots), the K-by-d mean of active
-    components, and the accuracy/MMD Pareto front."""
+    components, and the accuracy/MMD Pareto front. On images without labels the study's
+    label-free objective takes accuracy's place (`score`, `score_label`; rows keep the
+    key "acc")."""
     out = {}
     for family in data.families:
-        done = [t for t in data.of(family) if t.state in SCORED_STATES and ACC in t.final]
+        scored = [t for t in data.of(family) if t.state in SCORED_STATES]
+        # accuracy where the data has labels; else the study's own label-free objective
+        score = ACC if any(ACC in t.final for t in scored) else data.objective.metric
+        sign = 1.0 if score == ACC or data.objective.mode == "max" else -1.0
+        done = [t for t in scored if score in t.final]
         params = sorted({p for t in done for p in t.params})
-        rows = [{**t.params, "number": t.number, "acc": t.final[ACC],
+        rows = [{**t.params, "number": t.number, "acc": t.final[score],
                  "mmd": t.final.get("val/mmd", float("nan")),
                  "active": t.final.get("val/active_components", float("nan")),
                  "stopped_early": t.stopped_early} for t in done]
@@ -281,10 +287,12 @@ def search_insight(data: StudyData) -> dict[str, dict[str, Any]]:
         heat = [[(sum(cells[(k, d)]) / len(cells[(k, d)])) if cells.get((k, d)) else None
                  for k in Ks] for d in ds]
         finite = [i for i, r in enumerate(rows) if math.isfinite(r["mmd"])]
-        front = [finite[i] for i in pareto_front([(rows[i]["acc"], rows[i]["mmd"]) for i in finite])]
+        front = [finite[i] for i in pareto_front([(sign * rows[i]["acc"], rows[i]["mmd"])
+                                                  for i in finite])]
         out[family] = {"importances": data.importances.get(family), "params": params,
                        "rows": rows, "heatmap": {"K": Ks, "d": ds, "active": heat},
-                       "pareto": front}
+                       "pareto": front, "score": score,
+                       "score_label": "val acc" if score == ACC else score.replace("/", " ")}
     return out
 
 

@@ -202,11 +202,12 @@ def _insight(page: _Page, data: D.StudyData) -> None:
             continue
         dims = [dict(label=p, values=[r.get(p) for r in rows],
                      **({"tickformat": ".2g"} if p in LOG_PARAMS else {})) for p in params]
-        dims.append(dict(label="val acc", values=[r["acc"] for r in rows]))
+        label = ins["score_label"]  # val acc, or the label-free objective without labels
+        dims.append(dict(label=label, values=[r["acc"] for r in rows]))
         fig = go.Figure(go.Parcoords(line=dict(color=[r["acc"] for r in rows],
                                                colorscale="Viridis", showscale=True),
                                      dimensions=dims))
-        fig.update_layout(title="Parallel coordinates (colour: val accuracy)")
+        fig.update_layout(title=f"Parallel coordinates (colour: {label})")
         page.fig(fig, 420)
         shown = [p for p in ("lambda_mmd", "prior_overlap", "latent_dim", "K") if p in params]
         fig = make_subplots(rows=1, cols=len(shown), subplot_titles=shown, shared_yaxes=True)
@@ -218,8 +219,8 @@ def _insight(page: _Page, data: D.StudyData) -> None:
                 text=[f"trial {r['number']}" for r in rows], showlegend=False), row=1, col=i)
             if p in LOG_PARAMS:
                 fig.update_xaxes(type="log", row=1, col=i)
-        fig.update_yaxes(title_text="val acc", row=1, col=1)
-        fig.update_layout(title="Accuracy against the paper's knobs (x: stopped early by ASHA)")
+        fig.update_yaxes(title_text=label, row=1, col=1)
+        fig.update_layout(title=f"{label} against the paper's knobs (x: stopped early by ASHA)")
         page.fig(fig, 380)
         heat = ins["heatmap"]
         if heat["K"] and heat["d"]:
@@ -238,8 +239,8 @@ def _insight(page: _Page, data: D.StudyData) -> None:
                                  y=[rows[i]["acc"] for i in front], mode="lines+markers",
                                  name="Pareto front", marker=dict(color=COLORS.get(f), size=10),
                                  text=[f"trial {rows[i]['number']}" for i in front]))
-        fig.update_layout(title="Accuracy / MMD trade-off (higher accuracy, lower MMD)",
-                          xaxis_title="val MMD", yaxis_title="val acc")
+        fig.update_layout(title=f"{label} / MMD trade-off (better {label}, lower MMD)",
+                          xaxis_title="val MMD", yaxis_title=label)
         page.fig(fig, 380)
 
 

@@ -88,3 +88,27 @@ def test_a_label_metric_on_images_without_labels_is_refused_before_anything_runs
                     "--set", "data_dir=no-such-folder", cwd=tmp_path)
     assert missing.returncode == 2 and "no-such-folder" in missing.stderr
     assert "does not exist" in missing.stderr and not (tmp_path / "runs" / "unlabelled" / "optuna.db").exists()
+
+
+def test_the_report_ranks_and_plots_the_trials_by_the_label_free_objective(unlabelled):
+    from dashboards import data as D
+    from study.spec import load_spec
+
+    folder, _ = unlabelled
+    done = gmwae("dashboard", "unlabelled", cwd=folder)
+    assert done.returncode == 0, done.stderr[-4000:]
+    page = (folder / "runs" / "unlabelled" / "report.html").read_text()
+    assert "val augment_ari against the paper" in page
+    spec = load_spec(ROOT / "studies/unlabelled.yaml")
+    import os
+
+    here = os.getcwd()
+    os.chdir(folder)  # the spec's stores are relative to where the study ran
+    try:
+        data = D.load_study_data(spec, mlflow_url="http://127.0.0.1:5000")
+    finally:
+        os.chdir(here)
+    for family, ins in D.search_insight(data).items():
+        assert ins["score"] == "val/augment_ari" and len(ins["rows"]) == 3
+        finals = {t.number: t.final["val/augment_ari"] for t in data.of(family)}
+        assert all(r["acc"] == finals[r["number"]] for r in ins["rows"])
