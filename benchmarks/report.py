@@ -40,6 +40,8 @@ OPTION_WEIGHTS = ["quality/consistency-1-1.json", "quality/consistency-4-1.json"
 """The candidates the consistency option's weights were chosen from
 (docs/decisions/consistency-weights.md)."""
 GMVAE = "quality/gmvae-cpu-preset.json"
+SELECTION = ["selection/digits.json", "selection/mnist.json", "selection/fashion-mnist.json"]
+"""How well each label-free criterion picks trials (docs/decisions/label-free-objective.md)."""
 
 
 class RecordError(ValueError):
@@ -138,6 +140,31 @@ def candidates(files: list[str], describe: Callable[[dict], str]) -> str:
     return table(QUALITY_HEADER, [r for f in files for r in quality_rows(load(f), describe)])
 
 
+def selection_table(criteria: Iterable[str] | None = None) -> str:
+    """Per dataset, family and criterion (all, or `criteria`): the Spearman correlation with
+    test accuracy across the trials and the regret of its pick."""
+    rows = []
+    for name in SELECTION:
+        data = load(name)
+        s = data["settings"]
+        for family, fam in data["summary"].items():
+            for metric, c in fam["criteria"].items():
+                if criteria is not None and metric not in criteria and not c["reads_labels"]:
+                    continue
+                rows.append([s["dataset"], f"{family} ({fam['finished']}/{fam['trials']})",
+                             f"{metric}{' (labels)' if c['reads_labels'] else ''}",
+                             f"{c['spearman']:.2f}", f"{c['picked_target']:.3f}",
+                             f"{c['regret']:+.3f}", f"{c['regret_oracle']:.3f}", source(data)])
+    return table(["dataset", "family (trials)", "criterion", "Spearman", "picked test acc",
+                  "regret", "regret vs best"], rows)
+
+
+def selection_chosen() -> str:
+    from study.objective import LABEL_FREE_METRIC
+
+    return selection_table([LABEL_FREE_METRIC])
+
+
 def blocks() -> dict[Path, dict[str, Callable[[], str]]]:
     """The generated tables inside hand-written pages: {page: {block name: table}}. A page
     marks each block `<!-- results:NAME (make results) -->` ... `<!-- /results:NAME -->`;
@@ -148,7 +175,9 @@ def blocks() -> dict[Path, dict[str, Callable[[], str]]]:
                 "held-out": headline},
             DECISIONS / "consistency-weights.md": {
                 "candidates": lambda: candidates(OPTION_WEIGHTS, option_settings),
-                "held-out": headline}}
+                "held-out": headline},
+            DECISIONS / "label-free-objective.md": {"criteria": selection_table,
+                                                    "chosen": selection_chosen}}
 
 
 def fill(path: Path, text: str, tables: dict[str, Callable[[], str]]) -> str:
@@ -190,6 +219,17 @@ def sections() -> list[tuple[str, str, str]]:
          "The runs the option's weights were chosen from (docs/decisions/consistency-weights.md), "
          "20 minutes each; as above, the choice read the test figures.",
          candidates(OPTION_WEIGHTS, option_settings)),
+        ("Choosing models without labels (benchmarks/selection.py)",
+         "Per family, trials of settings drawn at random (K, lambda, the overlap, d, the "
+         "rate, the batch, the decoder and the options; the same number of steps each). Each "
+         "label-free criterion, read on validation, against test Hungarian accuracy: "
+         "Spearman's correlation across the trials (signed by the criterion's direction) and "
+         "the regret of its pick: the test accuracy of the trial the labels pick (best "
+         "val/cluster_acc, shown first, which reads labels) minus that of the criterion's pick; "
+         "regret vs best: the best test accuracy minus the pick's. Targets for the chosen "
+         "objective (docs/decisions/label-free-objective.md): Spearman at least 0.8, regret "
+         "at most 0.02.",
+         selection_table()),
         ("GPU: training step speed at the paper point (benchmarks/gpu_check.py)",
          "Optimiser steps per second at the paper preset (batch 128, K=10, S=5, width 128).",
          table(["family", "networks", "steps/s", "images/s"],

@@ -178,7 +178,7 @@ class _Bar:
     def epoch(self, epoch: int, row: dict) -> None:
         if self.bar is not None:
             shown = ({"val_acc": f"{row['val/cluster_acc']:.3f}"} if "val/cluster_acc" in row
-                     else {"augment_ari": f"{row['val/augment_ari']:.3f}"})  # images without labels
+                     else {"augment_mi": f"{row['val/augment_mi']:.3f}"})  # images without labels
             self.bar.set_postfix(epoch=epoch, **shown, active=int(row["val/active_components"]))
 
     def close(self) -> None:
@@ -214,7 +214,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _print_summary(metrics: dict, out: Path) -> None:
     keys = ["cluster_acc", "cluster_acc_greedy", "nmi", "ari", "active_components",
-            "assignment_entropy", "mmd", "recon_mse", "augment_ari", "silhouette"]
+            "assignment_entropy", "mmd", "recon_mse", "augment_ari", "augment_mi", "silhouette"]
     print(f"{'metric':<22}{'val':>10}{'test':>10}")
     for k in keys:
         if f"val/{k}" not in metrics and f"test/{k}" not in metrics:

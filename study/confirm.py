@@ -35,7 +35,7 @@ __all__ = ["confirm_study", "CONFIRM_METRICS", "summarise", "format_table"]
 CONFIRM_METRICS = ("test/cluster_acc", "test/cluster_acc_greedy", "test/cluster_acc_many",
                    "test/nmi", "test/ari", "test/ami",
                    "test/active_components", "test/assignment_entropy", "test/mmd",
-                   "test/recon_mse", "test/augment_ari", "test/silhouette")
+                   "test/recon_mse", "test/augment_ari", "test/augment_mi", "test/silhouette")
 
 
 def confirm_seeds(spec: StudySpec, n: int) -> list[int]:

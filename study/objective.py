@@ -20,7 +20,7 @@ DEFAULT_METRIC = "val/cluster_acc"
 """Hungarian accuracy, the paper's headline: the objective when K is not searched."""
 K_SEARCH_METRIC = "val/ami"
 """Adjusted mutual information, comparable across K: the objective when K is searched."""
-LABEL_FREE_METRIC = "val/augment_ari"
+LABEL_FREE_METRIC = "val/augment_mi"
 """The objective on data without labels, and the one to use wherever validation labels
 should not steer the choice: the criterion benchmarks/selection.py picks best
 (docs/decisions/label-free-objective.md)."""

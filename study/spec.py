@@ -120,7 +120,7 @@ class StudySpec:
     metric: Optional[str] = None
     """The validation metric the search optimises (study.objective); None: val/ami when
     the space searches K (comparable across K), else val/cluster_acc; on images without
-    labels, val/augment_ari (metrics that read labels are refused there)."""
+    labels, val/augment_mi (metrics that read labels are refused there)."""
     mode: Optional[str] = None
     """max or min; None: the metric's own direction."""
     trials: int = 6
