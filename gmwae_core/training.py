@@ -80,9 +80,9 @@ def lr_factor(train: TrainConfig, step: int, steps_per_epoch: int,
 EVAL_BATCH = 500
 MMD_EVAL_POINTS = 1000  # held-out points in the fixed `mmd` estimator
 MMD_EVAL_SEED = 12345
-CRITERIA_EVAL_POINTS = 2000  # held-out points of augment_ari and silhouette
+CRITERIA_EVAL_POINTS = 2000  # held-out points of augment_ari, augment_mi and silhouette
 AUGMENT_EVAL_SHIFT, AUGMENT_EVAL_DEGREES = 2, 10.0
-"""T(x) of `augment_ari`: fixed (the consistency term's defaults), so that trials with
+"""T(x) of `augment_ari` and `augment_mi`: fixed (the consistency term's defaults), so that trials with
 different training settings are scored against the same transformation."""
 
 
