@@ -15,8 +15,11 @@ machine without Ray, Optuna or MLflow runs it.
    one optimizer_step and in train_steps (which records history), with the gmwae_core
    line that caused each;
 3. speed: steps per second of the paper preset per family: fp32 (TF32 convolutions, as the
-   Trainer sets them), the decoder alone under bf16 autocast (its output back to fp32 for
-   the loss and the MMD), and the whole step under bf16 autocast;
+   Trainer sets them), the networks under bf16 autocast (train.precision=bf16), the same
+   with cuDNN's autotuner (torch.backends.cudnn.benchmark), and the whole step under bf16
+   autocast; with each, the step's FLOPs (FlopCounterMode, benchmarks/flops.py), its
+   TFLOP/s and the fraction of this device's matmul peak for its precision (TF32 or bf16),
+   measured in the same run;
 4. training: the paper preset on MNIST (standard 60k/10k split, Hungarian accuracy) for a
    wall-clock budget per family: validation accuracy and active modes per epoch, the
    epoch's time, and the test metrics at the end;
@@ -26,7 +29,9 @@ machine without Ray, Optuna or MLflow runs it.
    consistency option): `paper/` accuracy per epoch, the epoch's time, steps per second;
    `--set KEY=VALUE` changes the variants' settings (e.g. train.consistency_weight=4);
 6. kernel: the MMD's IMQ kernel sum eager against fused (benchmarks/mmd_kernel.py: Triton
-   through torch.compile), forward + backward at 1,000 to 12,800 codes, and their agreement.
+   through torch.compile), forward + backward at 1,000 to 12,800 codes, and their agreement;
+7. packing: aggregate steps/s of 1 to 16 trials on the device, as processes and as one
+   stacked process (benchmarks/packing.py), at the quickstart's size and the paper point.
 
     python benchmarks/gpu_check.py --sections syncs,speed,paper --paper-seconds 120 ...
     GMWAE_FUSED_KERNEL=0 python benchmarks/gpu_check.py --sections speed ...   # eager MMD
@@ -53,6 +58,11 @@ from gmwae_core.memory import GIB, step_memory  # noqa: E402
 from mmd_kernel import SIZES as KERNEL_SIZES  # noqa: E402  (benchmarks/mmd_kernel.py)
 from mmd_kernel import SMOKE_SIZES as KERNEL_SMOKE_SIZES  # noqa: E402
 from mmd_kernel import kernel_row  # noqa: E402
+from flops import matmul_peaks, peak_key, step_flops  # noqa: E402  (benchmarks/flops.py)
+from packing import COUNTS as PACKING_COUNTS  # noqa: E402  (benchmarks/packing.py)
+from packing import SIZES as PACKING_SIZES  # noqa: E402
+from packing import packing_rows  # noqa: E402
+from packing import table as packing_table  # noqa: E402
 from quality import VARIANTS  # noqa: E402  (benchmarks/quality.py)
 from record import provenance  # noqa: E402  (benchmarks/record.py)
 
@@ -147,23 +157,32 @@ def sync_rows(smoke: bool) -> list[dict]:
     return rows
 
 
-def speed_rows(smoke: bool, steps: int) -> list[dict]:
-    rows = []
+SPEED_MODES = ("fp32", "bf16 networks", "bf16 networks + cudnn autotune", "bf16 step")
+
+
+def speed_rows(smoke: bool, steps: int) -> dict:
     cuda = torch.cuda.is_available() and not smoke
+    device = torch.device("cuda" if cuda else "cpu")
+    peaks = matmul_peaks(device, 0.3 if smoke else 3.0)
+    rows = []
     for family in ("gmwae", "gmvae"):
-        for mode in ("fp32", "bf16 networks", "bf16 step"):
+        for mode in SPEED_MODES:
             # bf16 networks: train.precision=bf16 (q(k|x) and the decoder under autocast;
             # the q(z|k,x) heads, the sampling, the loss and the MMD in fp32)
-            precision = "bf16" if mode == "bf16 networks" else "fp32"
+            precision = "bf16" if mode.startswith("bf16 networks") else "fp32"
             cfg = _base(family, {"pretrain_steps": 0, "precision": precision}, smoke)
+            saved_autotune = torch.backends.cudnn.benchmark
+            torch.backends.cudnn.benchmark = mode.endswith("cudnn autotune")
             trainer = Trainer(cfg, load_splits(cfg.data))
+            whole = mode == "bf16 step"
             cast = (torch.autocast(trainer.device.type, dtype=torch.bfloat16)
-                    if mode == "bf16 step" else contextlib.nullcontext())
+                    if whole else contextlib.nullcontext())
             row = {"family": family, "mode": mode, "batch": cfg.train.batch_size}
             try:
                 with cast:
                     for _ in range(5):
                         trainer.optimizer_step(trainer._next_batch())
+                    flops = step_flops(trainer)
                     if cuda:
                         torch.cuda.synchronize()
                     start = time.perf_counter()
@@ -174,11 +193,18 @@ def speed_rows(smoke: bool, steps: int) -> list[dict]:
                         torch.cuda.synchronize()
                 row["steps_per_s"] = steps / (time.perf_counter() - start)
                 row["images_per_s"] = row["steps_per_s"] * cfg.train.batch_size
+                row["gflop_per_step"] = flops / 1e9
+                row["tflops"] = flops * row["steps_per_s"] / 1e12
+                row["peak"] = peak_key("bf16" if whole else trainer.precision, device)
+                row["fraction_of_peak"] = (1e3 * row["tflops"] / peaks[row["peak"]]
+                                           if row["peak"] in peaks else None)
                 row["finite_loss"] = loss is None or loss == loss
             except Exception as e:  # noqa: BLE001 - report, go on with the next mode
                 row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            finally:
+                torch.backends.cudnn.benchmark = saved_autotune
             rows.append(row)
-    return rows
+    return {"matmul_peak_gflops": peaks, "rows": rows}
 
 
 def training_rows(smoke: bool, data_dir: str | None, seconds: dict[str, float]) -> list[dict]:
@@ -266,18 +292,29 @@ def main(argv=None) -> int:
     p.add_argument("--paper-variants", default="paper,consistency",
                    help=f"paper section: variants of benchmarks/quality.py ({', '.join(VARIANTS)})")
     p.add_argument("--sections", default="memory,syncs,speed,training,paper,kernel",
-                   help="comma-separated sections to run")
+                   help="comma-separated sections to run (packing too, when named)")
+    p.add_argument("--packing-seconds", type=float, default=8.0,
+                   help="packing section: timed window per row")
+    p.add_argument("--packing-counts", default=",".join(map(str, PACKING_COUNTS)),
+                   help="packing section: trials per device")
+    p.add_argument("--packing-sizes", default=",".join(PACKING_SIZES),
+                   help=f"packing section: of {', '.join(PACKING_SIZES)}")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="paper section: applied to every variant, after its own settings "
                         "(e.g. --set train.consistency_weight=4)")
     args = p.parse_args(argv)
     wanted = args.sections.split(",")
-    known = ("memory", "syncs", "speed", "training", "paper", "kernel")
+    known = ("memory", "syncs", "speed", "training", "paper", "kernel", "packing")
     bad = [w for w in wanted if w not in known] + [
-        v for v in args.paper_variants.split(",") if v not in VARIANTS]
+        v for v in args.paper_variants.split(",") if v not in VARIANTS] + [
+        z for z in args.packing_sizes.split(",") if z not in PACKING_SIZES]
+    try:
+        packing_counts = [int(c) for c in args.packing_counts.split(",")]
+    except ValueError:
+        p.error(f"--packing-counts must be comma-separated whole numbers, got {args.packing_counts!r}")
     if bad:
-        p.error(f"unknown section or variant {bad}: sections are {', '.join(known)}; "
-                f"variants {', '.join(VARIANTS)}")
+        p.error(f"unknown section, variant or size {bad}: sections are {', '.join(known)}; "
+                f"variants {', '.join(VARIANTS)}; packing sizes {', '.join(PACKING_SIZES)}")
     try:  # a bad --set stops here, before any section runs
         overrides = parse_overrides(args.overrides)
         for variant in args.paper_variants.split(","):
@@ -291,6 +328,7 @@ def main(argv=None) -> int:
             "smoke": args.smoke}
     print(json.dumps(info), flush=True)
     settings = {"sections": wanted, "smoke": args.smoke, "paper_seconds": args.paper_seconds,
+                "packing_seconds": args.packing_seconds, "packing_counts": packing_counts,
                 "paper_variants": args.paper_variants.split(","), "overrides": overrides}
     result = {**provenance(settings, __file__, argv,
                            gpu=info["device"] if info["device"] != "cpu" else None),
@@ -307,7 +345,13 @@ def main(argv=None) -> int:
                                              args.paper_variants.split(","), overrides)),
                 ("kernel", lambda: [kernel_row(n, torch.device("cuda" if torch.cuda.is_available()
                                                               else "cpu"), 0.2 if args.smoke else 2.0)
-                                    for n in (KERNEL_SMOKE_SIZES if args.smoke else KERNEL_SIZES)])]
+                                    for n in (KERNEL_SMOKE_SIZES if args.smoke else KERNEL_SIZES)]),
+                ("packing", lambda: packing_rows(
+                    args.packing_sizes.split(","),
+                    [c for c in packing_counts if c <= 2] if args.smoke else packing_counts,
+                    ("processes", "stacked"), 1.0 if args.smoke else args.packing_seconds, "gmwae",
+                    torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu"),
+                    args.smoke))]
     sections = [(name, run) for name, run in sections if name in wanted]
     for name, run in sections:
         start = time.monotonic()
@@ -332,9 +376,15 @@ def _table(result: dict) -> None:
               f"{r.get('reserved_gib', float('nan')):>10.2f}"
               f"{r.get('estimated_reserved_gib', float('nan')):>9.2f}"
               f"{r.get('reserved/estimated', float('nan')):>7.2f}")
-    for r in result.get("speed", []) if isinstance(result.get("speed"), list) else []:
-        print(f"speed {r['family']} {r['mode']:<14} {r.get('steps_per_s', float('nan')):8.1f} "
-              f"steps/s {r.get('error', '')}")
+    speed = result.get("speed") if isinstance(result.get("speed"), dict) else {}
+    for r in speed.get("rows", []):
+        fraction = r.get("fraction_of_peak")
+        share = "" if fraction is None else f"{fraction:.1%} of the {r['peak']} peak"
+        print(f"speed {r['family']} {r['mode']:<31} {r.get('steps_per_s', float('nan')):8.1f} "
+              f"steps/s {r.get('gflop_per_step', float('nan')):7.1f} GFLOP/step "
+              f"{r.get('tflops', float('nan')):7.2f} TFLOP/s {share} {r.get('error', '')}")
+    if isinstance(result.get("packing"), list):
+        print(packing_table(result["packing"]))
     for r in result.get("training", []) if isinstance(result.get("training"), list) else []:
         last = r["epochs"][-1] if r["epochs"] else {}
         print(f"train {r['family']}: {len(r['epochs'])} epochs, "

@@ -203,6 +203,8 @@ def sections() -> list[tuple[str, str, str]]:
     autoscaling, dashboard = load("cluster/autoscaling.json"), load("dashboard/report.json")
     memory, kernel = load("memory/step-memory.json"), load("mmd_kernel/cpu.json")
     fit, driver = load("memory/gpu-fit.json"), load("driver/local-cluster.json")
+    packing = load("packing/cpu.json")
+    gpu_speed = gpu["speed"]["rows"] if isinstance(gpu["speed"], dict) else gpu["speed"]
     return [
         ("Clustering MNIST at the cpu preset (headline)",
          "Test Hungarian accuracy of the configurations the project ships, on seeds that no "
@@ -232,9 +234,12 @@ def sections() -> list[tuple[str, str, str]]:
          selection_table()),
         ("GPU: training step speed at the paper point (benchmarks/gpu_check.py)",
          "Optimiser steps per second at the paper preset (batch 128, K=10, S=5, width 128).",
-         table(["family", "networks", "steps/s", "images/s"],
+         table(["family", "networks", "steps/s", "images/s", "GFLOP per step", "share of peak"],
                [[r["family"], r["mode"], f"{r['steps_per_s']:.1f}", f"{r['images_per_s']:.0f}",
-                 source(gpu)] for r in gpu["speed"] if "steps_per_s" in r])),
+                 f"{r['gflop_per_step']:.0f}" if "gflop_per_step" in r else "not measured",
+                 (f"{r['fraction_of_peak']:.3f} of {r['peak']}" if r.get("fraction_of_peak")
+                  else "not measured"), source(gpu)]
+                for r in gpu_speed if "steps_per_s" in r])),
         ("GPU: memory estimate against the measured step (benchmarks/gpu_check.py)",
          "gmwae_core.memory's estimate of one step's memory against torch's peak allocation.",
          table(["configuration", "images per step", "estimated GiB", "measured GiB",
@@ -255,11 +260,21 @@ def sections() -> list[tuple[str, str, str]]:
                  f"{r['estimated_reserved_gib']:.2f}", f"{r['reserved/estimated']:.2f}",
                  source(fit)] for r in fit["rows"]])),
         ("CPU: training step throughput (benchmarks/throughput.py)",
-         "One training step per preset, FLOPs counted by the profiler, against the matmul "
-         "peak measured in the same run.",
-         table(["preset", "ms per step", "GFLOP/s", "share of matmul peak"],
-               [[r["preset"], f"{r['step_ms']:.1f}", f"{r['gflops']:.1f}",
-                 f"{r['fraction_of_matmul_peak']:.2f}", source(cpu)] for r in cpu["results"]])),
+         "One training step per variant (fp32 unless named), its FLOPs counted by torch "
+         "(FlopCounterMode over one optimizer step), against the matmul peak of the step's "
+         "precision measured in the same run.",
+         table(["variant", "ms per step", "GFLOP per step", "GFLOP/s", "share of matmul peak"],
+               [[r["preset"], f"{r['step_ms']:.1f}", f"{r['gflop_per_step']:.2f}",
+                 f"{r['gflops']:.1f}", f"{r['fraction_of_matmul_peak']:.2f}", source(cpu)]
+                for r in cpu["results"] if r.get("fraction_of_matmul_peak") is not None])),
+        ("Trials sharing one device (benchmarks/packing.py)",
+         "Aggregate optimiser steps per second of N GM-WAE trials at once on one device, as "
+         "N processes or as one process stepping the N runs as a stack "
+         "(gmwae_core.stacked), against one trial alone measured in the same run.",
+         table(["size", "batch", "mode", "trials", "steps/s in all", "vs one alone"],
+               [[r["size"], r["batch_size"], r["mode"], r["trials"],
+                 f"{r['aggregate_steps_per_s']:.1f}", f"{r['vs_one_alone']:.2f}",
+                 source(packing)] for r in packing["rows"] if "aggregate_steps_per_s" in r])),
         ("CPU: one step's memory, measured against the estimate (benchmarks/step_memory.py)",
          "Peak resident memory of one optimiser step against gmwae_core.memory's estimate.",
          table(["family", "width", "batch", "K", "S", "measured MiB", "estimated MiB", "ratio"],

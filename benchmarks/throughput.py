@@ -1,18 +1,20 @@
-"""Training throughput of GM-WAE at the cpu and paper widths, against the machine's peak.
+"""Training throughput of GM-WAE and GM-VAE at the cpu and paper widths, against the machine's peak.
 
     python benchmarks/throughput.py --out benchmarks/results/throughput/cpu.json
     python benchmarks/throughput.py --smoke --out /tmp/throughput.json   # seconds
 
-For each preset: steps/s and images/s of the real training step (Trainer.train_steps on
-MNIST-shaped data), the step's GFLOP/s counted from the layers' shapes (forward MACs x 2
-FLOPs, x 3 for forward + backward), and that as a fraction of a float32 matmul peak
-measured in the same run on the same threads. Then a torch.profiler breakdown of a step
-into its regions (encoders, decoder, mmd, backward, optimizer), and each decoder
-convolution's forward + backward alone at the step's shapes, in GFLOP/s (`--layers`).
+For each variant: steps/s and images/s of the real training step (Trainer.train_steps on
+MNIST-shaped data), the step's FLOPs as torch counts them (benchmarks/flops.py:
+FlopCounterMode over one optimizer step), and its rate as a fraction of the matmul peak
+measured in the same run on the same threads, for the step's precision (fp32, or bf16 for
++bf16; TF32 on CUDA). Then a torch.profiler breakdown of a step into its regions
+(encoders, decoder, mmd, backward, optimizer), and each decoder convolution's forward +
+backward alone at the step's shapes, in GFLOP/s.
 
-Variants: a preset name, `PRESET+compile` (torch.compile the decoder), `PRESET+bf16`
-(train.precision=bf16: the networks under bf16 autocast), `PRESET+wN` (decoder width N
-instead of the preset's), e.g. `--presets cpu,cpu+bf16,cpu+w64`.
+Variants: a preset name, then any of `+gmvae` (the GM-VAE family; GM-WAE by default),
+`+compile` (torch.compile the decoder), `+bf16` (train.precision=bf16: the networks under
+bf16 autocast), `+wN` (decoder width N instead of the preset's), e.g.
+`--presets cpu,cpu+gmvae,cpu+bf16,cpu+w64`.
 """
 from __future__ import annotations
 
@@ -28,52 +30,10 @@ from torch.profiler import ProfilerActivity, profile
 
 from gmwae_core import ConfigError, Trainer, from_preset, load_splits
 
+from flops import matmul_peaks, peak_key, step_flops  # benchmarks/flops.py
 from record import provenance  # benchmarks/record.py: the results record's provenance keys
 
 REGIONS = ("encoders", "decoder", "mmd", "backward", "optimizer")
-
-
-def matmul_peak_gflops(device: torch.device, seconds: float = 3.0) -> float:
-    """Best float32 GFLOP/s of square matmuls (1024..4096) on the current threads."""
-    best = 0.0
-    for n in (1024, 2048, 4096):
-        a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-        a @ b
-        reps, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds / 3:
-            a @ b
-            reps += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e9)
-    return best
-
-
-def forward_macs(trainer: Trainer) -> float:
-    """Multiply-accumulates of one training forward pass, from the layers' shapes."""
-    macs = 0.0
-
-    def hook(module, inputs, output):
-        nonlocal macs
-        x = inputs[0]
-        if isinstance(module, nn.ConvTranspose2d):  # every input pixel meets the whole kernel
-            macs += x.numel() * module.out_channels * module.kernel_size[0] * module.kernel_size[1]
-        elif isinstance(module, nn.Conv2d):
-            macs += output.numel() * module.in_channels * module.kernel_size[0] * module.kernel_size[1]
-        elif isinstance(module, nn.Linear):
-            macs += x.numel() // module.in_features * module.in_features * module.out_features
-
-    handles = [m.register_forward_hook(hook) for m in trainer.model.modules()
-               if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))]
-    cfg, B = trainer.cfg.model, trainer.cfg.train.batch_size
-    with torch.no_grad():
-        trainer._loss(trainer.splits.train_x[:B])
-    for h in handles:
-        h.remove()
-    KS = cfg.K * cfg.num_samples
-    macs += B * KS * cfg.encoder_hidden * 2 * cfg.latent_dim / cfg.num_samples  # q(z|k,x) heads
-    macs += (2 * B * KS) ** 2 * cfg.latent_dim  # the MMD's one distance matrix
-    return macs
 
 
 def _time(fn, reps: int, device: torch.device) -> float:
@@ -137,13 +97,15 @@ def decoder_layer_rates(trainer: Trainer, reps: int) -> list[dict]:
 
 
 def variant_config(variant: str, device: torch.device):
-    """`variant`: a preset name, then any of +compile (torch.compile the decoder), +bf16
-    (train.precision=bf16) and +wN (decoder width N), e.g. cpu+w64+bf16."""
+    """`variant`: a preset name, then any of +gmvae (the family), +compile (torch.compile the
+    decoder), +bf16 (train.precision=bf16) and +wN (decoder width N), e.g. cpu+w64+bf16."""
     preset, *extras = variant.split("+")
     overrides = {"dataset": "synthetic", "pretrain_steps": 0, "device": device.type,
-                 "family": "gmwae", "compile": False}
+                 "family": "gmwae", "compile": False, "precision": "fp32"}
     for extra in extras:
-        if extra == "compile":
+        if extra == "gmvae":
+            overrides["family"] = "gmvae"
+        elif extra == "compile":
             overrides["compile"] = True
         elif extra == "bf16":
             overrides["precision"] = "bf16"
@@ -151,7 +113,8 @@ def variant_config(variant: str, device: torch.device):
             overrides["decoder_width"] = int(extra[1:])
         else:
             raise SystemExit(f"--presets: unknown variant {variant!r} (part {extra!r}); use "
-                             f"PRESET with any of +compile, +bf16 and +wN (e.g. cpu+w64+bf16)")
+                             f"PRESET with any of +gmvae, +compile, +bf16 and +wN "
+                             f"(e.g. cpu+w64+bf16)")
     try:
         return from_preset(preset, overrides)
     except ConfigError as e:
@@ -169,7 +132,7 @@ def measure(variant: str, steps: int, device: torch.device) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
     step_s = (time.perf_counter() - start) / steps
-    flops = 3 * 2 * forward_macs(trainer)
+    flops = step_flops(trainer)
     with profile(activities=[ProfilerActivity.CPU] + (
             [ProfilerActivity.CUDA] if device.type == "cuda" else [])) as prof:
         trainer.train_steps(min(steps, 5))
@@ -179,7 +142,8 @@ def measure(variant: str, steps: int, device: torch.device) -> dict:
     total = sum(regions.values())
     m = cfg.model
     return {
-        "preset": variant, "decoder_width": m.decoder_width, "num_samples": m.num_samples,
+        "preset": variant, "family": cfg.family, "precision": trainer.precision,
+        "decoder_width": m.decoder_width, "num_samples": m.num_samples,
         "batch_size": cfg.train.batch_size, "codes_per_step": cfg.train.batch_size * m.K * m.num_samples,
         "step_ms": 1e3 * step_s, "steps_per_s": 1 / step_s,
         "images_per_s": cfg.train.batch_size / step_s, "gflop_per_step": flops / 1e9,
@@ -194,8 +158,8 @@ def measure(variant: str, steps: int, device: torch.device) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--presets", default="cpu,cpu+compile,paper",
-                   help="comma-separated presets; PRESET+compile also compiles the decoder")
+    p.add_argument("--presets", default="cpu,cpu+gmvae,paper,paper+gmvae",
+                   help="comma-separated variants: PRESET with any of +gmvae, +compile, +bf16, +wN")
     p.add_argument("--steps", type=int, default=30, help="timed steps for the cpu preset")
     p.add_argument("--paper-steps", type=int, default=2, help="timed steps for the paper preset")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -207,12 +171,14 @@ def main() -> int:
     presets = ["cpu"] if args.smoke else args.presets.split(",")
     for variant in presets:  # every variant checked before anything is measured
         variant_config(variant, device)
-    peak = matmul_peak_gflops(device, 0.5 if args.smoke else 3.0)
+    peaks = matmul_peaks(device, 0.5 if args.smoke else 3.0)
     rows = []
     for preset in presets:
         steps = 2 if args.smoke else (args.paper_steps if preset.startswith("paper") else args.steps)
         row = measure(preset, steps, device)
-        row["fraction_of_matmul_peak"] = row["gflops"] / peak
+        row["peak"] = peak_key(row["precision"], device)
+        row["fraction_of_matmul_peak"] = (row["gflops"] / peaks[row["peak"]]
+                                          if row["peak"] in peaks else None)
         rows.append(row)
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else None
     settings = {"presets": presets, "steps": args.steps, "paper_steps": args.paper_steps,
@@ -220,10 +186,11 @@ def main() -> int:
     result = {**provenance(settings, __file__, gpu=gpu),
               "device": str(device), "gpu": gpu,
               "threads": torch.get_num_threads(),
-              "matmul_peak_gflops": peak, "results": rows}
+              "matmul_peak_gflops": peaks, "results": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"device {device}, {torch.get_num_threads()} threads, fp32 matmul peak {peak:.1f} GFLOP/s")
+    print(f"device {device}, {torch.get_num_threads()} threads, matmul peaks "
+          + ", ".join(f"{k} {v:.1f}" for k, v in peaks.items()) + " GFLOP/s")
     print(f"{'preset':<13}{'width':>6}{'S':>3}{'batch':>6}{'ms/step':>9}{'img/s':>8}"
           f"{'GFLOP/step':>11}{'GFLOP/s':>9}{'of peak':>8}   fwd+bwd ms alone | profile share")
     for r in rows:
@@ -231,11 +198,12 @@ def main() -> int:
             f"{k} {v:.0%}" for k, v in r["profile_share"].items())
         print(f"{r['preset']:<13}{r['decoder_width']:>6}{r['num_samples']:>3}{r['batch_size']:>6}"
               f"{r['step_ms']:>9.1f}{r['images_per_s']:>8.0f}{r['gflop_per_step']:>11.2f}"
-              f"{r['gflops']:>9.1f}{r['fraction_of_matmul_peak']:>8.0%}   {share}")
+              f"{r['gflops']:>9.1f}{r['fraction_of_matmul_peak'] or float('nan'):>8.0%}   {share}")
     print("decoder convolutions alone (forward + backward at the step's shapes):")
     for r in rows:
         print(f"  {r['preset']:<13}" + " | ".join(
-            f"{x['layer']}: {x['fwd_bwd_ms']:.1f} ms {x['gflops']:.0f} GFLOP/s ({x['gflops'] / peak:.0%})"
+            f"{x['layer']}: {x['fwd_bwd_ms']:.1f} ms {x['gflops']:.0f} GFLOP/s "
+            f"({x['gflops'] / peaks[r['peak']] if r['peak'] in peaks else float('nan'):.0%})"
             for x in r["decoder_layers"]))
     print(f"wrote {args.out}")
     return 0

@@ -30,9 +30,8 @@ class StepOutputs(NamedTuple):
     z_q: Any
     """(B, K, S, d) samples of q(z|k,x)."""
     prior: Any
-    """The MixturePrior (means (K, d), sigma0, sample)."""
-    generator: Any
-    """The step's random generator (None on the meta device)."""
+    """The prior (means (K, d), sigma0, sample): a training.DrawnPrior, whose `sample` gives
+    the step's z ~ p(z|k) from noise drawn before the step (training.draw_step)."""
 
 
 def _gmwae_loss(out: StepOutputs, model) -> tuple[Any, dict[str, Any]]:
@@ -41,7 +40,7 @@ def _gmwae_loss(out: StepOutputs, model) -> tuple[Any, dict[str, Any]]:
     from .objectives import wae_objective
 
     with record_function("mmd"):  # the profile's region (benchmarks/throughput.py)
-        z_p = out.prior.sample((out.x.shape[0], model.num_samples), out.generator)  # (B, S, K, d)
+        z_p = out.prior.sample((out.x.shape[0], model.num_samples))  # (B, S, K, d)
         return wae_objective(out.x, out.x_rec_logits, out.q_k_logits, out.z_q,
                              z_p.transpose(1, 2), model.lambda_mmd, model.recon_weight)
 
@@ -62,13 +61,16 @@ class Family:
     equation: str
     """What it minimises, in the paper's terms."""
     loss: Callable[[StepOutputs, Any], tuple[Any, dict[str, Any]]]
-    """(step outputs, ModelConfig) -> (scalar loss, named terms); the terms are `terms`."""
+    """(step outputs, ModelConfig) -> (scalar loss, named terms); the terms are `terms`. The
+    config's lambda_mmd and recon_weight may be 0-dim tensors (a stack of runs, one value each)."""
     terms: tuple[str, ...]
     """The loss terms it reports (train/..., history/...)."""
     own_keys: tuple[str, ...] = ()
     """Config keys (bare) only this family uses."""
     holds_mmd: bool = False
     """Its step holds the MMD's N x N kernel blocks (gmwae_core.memory)."""
+    samples_prior: bool = False
+    """Its loss reads B x S draws of z ~ p(z|k) per step (prior.sample((B, S)))."""
     colour: str = "#555555"
     """Its colour in the dashboards."""
 
@@ -76,7 +78,7 @@ class Family:
 FAMILY_DEFS: dict[str, Family] = {f.name: f for f in (
     Family("gmwae", "GM-WAE", "reconstruction + lambda MMD(q(z), p(z)) (paper Eq. 4)",
            _gmwae_loss, ("loss", "recon", "mmd"), own_keys=("lambda_mmd", "recon_weight"),
-           holds_mmd=True, colour="#1f77b4"),
+           holds_mmd=True, samples_prior=True, colour="#1f77b4"),
     Family("gmvae", "GM-VAE", "the negative ELBO (paper Eq. 2)",
            _gmvae_loss, ("loss", "recon", "kl_continuous", "kl_discrete"), colour="#d62728"),
 )}

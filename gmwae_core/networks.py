@@ -108,7 +108,9 @@ class ToOneChannel(nn.ConvTranspose2d):
     """The decoder's last layer: ConvTranspose2d(C, 1, k, stride 1, padding p), same weights.
 
     On CPU the forward runs as `_ToOneChannelFn` (a depthwise convolution and a sum, 4x
-    faster there); elsewhere it is the plain transposed convolution.
+    faster there); elsewhere, and under torch.func transforms (a stack of runs, whose
+    batching rule makes the stack's transposed convolutions one grouped convolution), it is
+    the plain transposed convolution.
     """
 
     def __init__(self, in_channels: int, kernel_size: int, padding: int):
@@ -118,7 +120,7 @@ class ToOneChannel(nn.ConvTranspose2d):
                              f"padding={padding}, kernel_size={kernel_size}.")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu":
+        if x.device.type != "cpu" or torch._C._are_functorch_transforms_active():
             return super().forward(x)
         return _ToOneChannelFn.apply(x, self.weight, self.bias, self.padding[0])
 
@@ -153,7 +155,8 @@ class Decoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         lead = z.shape[:-1]
         h = self.fc(z.reshape(-1, z.shape[-1])).view(-1, self.width, 7, 7)  # (N, w, 7, 7)
-        h = h.contiguous(memory_format=torch.channels_last)
+        if not torch._C._are_functorch_transforms_active():  # vmap has no layouts
+            h = h.contiguous(memory_format=torch.channels_last)
         return self.deconv(h).reshape(*lead, *IMAGE_SHAPE)  # (..., 1, 28, 28) logits
 
 
@@ -203,4 +206,10 @@ class GMLVM(nn.Module):
         B, K, d = q_z_mean.shape
         eps = torch.randn(B, K, S, d, generator=generator, device=q_z_mean.device,
                           dtype=q_z_mean.dtype)
+        return GMLVM.reparameterise(q_z_mean, q_z_logvar, eps)
+
+    @staticmethod
+    def reparameterise(q_z_mean: torch.Tensor, q_z_logvar: torch.Tensor,
+                       eps: torch.Tensor) -> torch.Tensor:
+        """z = mean + sigma * eps for S noise draws per (x, k): (B, K, d), (B, K, S, d) -> (B, K, S, d)."""
         return q_z_mean.unsqueeze(2) + torch.exp(0.5 * q_z_logvar).unsqueeze(2) * eps

@@ -71,7 +71,9 @@ def _imq_functions(device: torch.device, fused: bool | None):
     if fused is None:
         env = os.environ.get(FUSED_KERNEL_ENV, "")
         fused = env == "1" or (env != "0" and device.type == "cuda")
-    if not fused or device.type == "meta" or _compiled.get(device.type, ()) is None:
+    # Under torch.func transforms (a stack of runs) the eager loop: vmap batches it op by op.
+    if (not fused or device.type == "meta" or _compiled.get(device.type, ()) is None
+            or torch._C._are_functorch_transforms_active()):
         return _EAGER
     if device.type not in _compiled:
         _compiled[device.type] = tuple(torch.compile(fn, dynamic=True, fullgraph=True)
@@ -96,14 +98,20 @@ def _call(kind: int, device: torch.device, fused: bool | None, *args):
 
 class _IMQKernelSum(torch.autograd.Function):
     """sum_i C_i / (C_i + D): one saved tensor instead of one per scale, and, compiled,
-    one pass over D forward and one backward instead of one per scale."""
+    one pass over D forward and one backward instead of one per scale. torch.func's vmap
+    (a stack of runs) batches it by running forward and backward over the stack."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, dist2: torch.Tensor, cs: tuple[float, ...],
-                fused: bool | None) -> torch.Tensor:
+    def forward(dist2: torch.Tensor, cs: tuple[float, ...], fused: bool | None) -> torch.Tensor:
+        return _call(0, dist2.device, fused, dist2, cs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        dist2, cs, fused = inputs
         ctx.save_for_backward(dist2)
         ctx.cs, ctx.fused = cs, fused
-        return _call(0, dist2.device, fused, dist2, cs)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
@@ -153,12 +161,16 @@ def weighted_mmd(z_q: torch.Tensor, w_q: torch.Tensor, z_p: torch.Tensor,
 
 
 def kl_diag_gaussians(mean: torch.Tensor, logvar: torch.Tensor, prior_mean: torch.Tensor,
-                      prior_var: float) -> torch.Tensor:
+                      prior_var: float | torch.Tensor) -> torch.Tensor:
     """KL(N(mean, diag(exp logvar)) || N(prior_mean, prior_var I)), summed over the last dim.
 
     0.5 * sum_i [ var_i / s^2 + (mean_i - m_i)^2 / s^2 - 1 - log(var_i / s^2) ]
+
+    prior_var: a float, or a 0-dim tensor (one per run in a stack of runs).
     """
-    log_ratio = logvar - math.log(prior_var)
+    log_prior_var = (torch.log(prior_var) if isinstance(prior_var, torch.Tensor)
+                     else math.log(prior_var))
+    log_ratio = logvar - log_prior_var
     return 0.5 * (torch.exp(log_ratio) + (mean - prior_mean) ** 2 / prior_var - 1.0
                   - log_ratio).sum(-1)
 

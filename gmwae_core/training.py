@@ -17,7 +17,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ from .objectives import (balance_kl, consistency_kl, kl_categorical_uniform, kl_
                          moment_matching_loss, weighted_mmd)
 from .priors import MixturePrior
 
-__all__ = ["Trainer", "EvalResult", "NonFiniteLossError", "resolve_device", "lr_factor",
+__all__ = ["Trainer", "EvalResult", "StepDraws", "DrawnPrior", "draw_step", "step_loss", "NonFiniteLossError", "resolve_device", "lr_factor",
            "budget_used", "resolve_precision", "PAPER_LR_DECAY"]
 
 PAPER_LR_DECAY = ((30, 0.5), (50, 0.1))
@@ -164,6 +164,82 @@ def use_tf32_for_convolutions_only() -> None:
     mantissa would leave the kernel's small distances, forward and backward, as noise."""
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cuda.matmul.allow_tf32 = False
+
+
+class StepDraws(NamedTuple):
+    """A training step's random draws, made before its computation (draw_step), so that the
+    computation is a function of tensors alone (torch.func can stack it over runs)."""
+
+    eps_z: torch.Tensor
+    """(B, K, S, d) standard normal noise of z ~ q(z|k,x)."""
+    eps_p: Optional[torch.Tensor]
+    """(B, S, K, d) standard normal noise of z ~ p(z|k), for a family that samples the prior."""
+    x_t: Optional[torch.Tensor]
+    """T(x), the transformed batch of the consistency term, when that term is on."""
+
+
+class DrawnPrior(NamedTuple):
+    """The prior as a step's loss sees it: its means and sigma0, and `sample` giving the
+    step's z ~ p(z|k) from the noise drawn for it (MixturePrior.sample's formula)."""
+
+    means: torch.Tensor
+    sigma0: Any  # a float, or a 0-dim tensor per run in a stack
+    eps: Optional[torch.Tensor]
+
+    def sample(self, shape: tuple[int, ...], scale: float = 1.0) -> torch.Tensor:
+        if self.eps is None or tuple(self.eps.shape[:len(shape)]) != tuple(shape):
+            raise ValueError(f"DrawnPrior.sample{shape}: the step drew noise of shape "
+                             f"{None if self.eps is None else tuple(self.eps.shape)}; a family "
+                             f"whose loss samples the prior sets Family.samples_prior.")
+        return self.means + (scale * self.sigma0) * self.eps
+
+
+def draw_step(cfg: RunConfig, x: torch.Tensor,
+              generator: Optional[torch.Generator]) -> StepDraws:
+    """The random draws of one training step on batch `x`, in the order the step has always
+    made them (q(z|k,x)'s noise, the prior's, then T(x)), so a seeded run is unchanged."""
+    m, t = cfg.model, cfg.train
+    B, dev = x.shape[0], x.device
+    eps_z = torch.randn(B, m.K, m.num_samples, m.latent_dim, generator=generator, device=dev)
+    eps_p = (torch.randn(B, m.num_samples, m.K, m.latent_dim, generator=generator, device=dev)
+             if FAMILY_DEFS[cfg.family].samples_prior else None)
+    x_t = (random_shift_rotate(x, t.augment_shift, t.augment_degrees, generator)
+           if t.consistency_weight > 0 else None)
+    return StepDraws(eps_z, eps_p, x_t)
+
+
+def step_loss(model: GMLVM, decode: Callable[[torch.Tensor], torch.Tensor], family: str,
+              model_hp: Any, train_hp: Any, extra_terms: tuple[str, ...], x: torch.Tensor,
+              draws: StepDraws, prior_means: torch.Tensor, sigma0: Any,
+              networks_cast: Callable[[], Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """One training step's loss, its named terms and q(k|x)'s logits: a function of the
+    networks, the batch and the step's draws. model_hp: lambda_mmd, recon_weight and
+    num_samples (a ModelConfig); train_hp: consistency_weight and balance_weight (a
+    TrainConfig); in a stack of runs (stacked.StackedTrainer) the weights are 0-dim tensors.
+    networks_cast: the context q(k|x) and the decoder run under (bf16 autocast or none)."""
+    with record_function("encoders"):
+        with networks_cast():
+            q_k_logits = model.q_k(x).float()
+        q_z_mean, q_z_logvar = model.q_z(x)  # fp32: the heads feed the sampling
+        z_q = GMLVM.reparameterise(q_z_mean, q_z_logvar, draws.eps_z)
+    with record_function("decoder"):
+        with networks_cast():
+            x_rec_logits = decode(z_q).float()  # (B, K, S, 1, 28, 28): every code
+    loss, terms = FAMILY_DEFS[family].loss(StepOutputs(
+        x, x_rec_logits, q_k_logits, q_z_mean, q_z_logvar, z_q,
+        DrawnPrior(prior_means, sigma0, draws.eps_p)), model_hp)
+    if extra_terms:
+        terms = dict(terms)
+        if "consistency" in extra_terms:
+            with networks_cast():
+                q_k_logits_t = model.q_k(draws.x_t).float()
+            terms["consistency"] = consistency_kl(q_k_logits, q_k_logits_t)
+            loss = loss + train_hp.consistency_weight * terms["consistency"]
+        if "balance" in extra_terms:
+            terms["balance"] = balance_kl(q_k_logits)
+            loss = loss + train_hp.balance_weight * terms["balance"]
+        terms["loss"] = loss
+    return loss, terms, q_k_logits
 
 
 class Trainer:
@@ -330,30 +406,9 @@ class Trainer:
             fit.step()
 
     def _loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-        m, t = self.cfg.model, self.cfg.train
-        with record_function("encoders"):
-            with self._networks_cast():
-                q_k_logits = self.model.q_k(x).float()
-            q_z_mean, q_z_logvar = self.model.q_z(x)  # fp32: the heads feed the sampling
-            z_q = self.model.sample_z(q_z_mean, q_z_logvar, m.num_samples, self.generator)
-        with record_function("decoder"):
-            with self._networks_cast():
-                x_rec_logits = self._decode(z_q).float()  # (B, K, S, 1, 28, 28): every code
-        loss, terms = FAMILY_DEFS[self.cfg.family].loss(StepOutputs(
-            x, x_rec_logits, q_k_logits, q_z_mean, q_z_logvar, z_q, self.prior, self.generator), m)
-        if self.extra_terms:
-            terms = dict(terms)
-            if t.consistency_weight > 0:
-                x_t = random_shift_rotate(x, t.augment_shift, t.augment_degrees, self.generator)
-                with self._networks_cast():
-                    q_k_logits_t = self.model.q_k(x_t).float()
-                terms["consistency"] = consistency_kl(q_k_logits, q_k_logits_t)
-                loss = loss + t.consistency_weight * terms["consistency"]
-            if t.balance_weight > 0:
-                terms["balance"] = balance_kl(q_k_logits)
-                loss = loss + t.balance_weight * terms["balance"]
-            terms["loss"] = loss
-        return loss, terms, q_k_logits
+        return step_loss(self.model, self._decode, self.cfg.family, self.cfg.model, self.cfg.train,
+                         self.extra_terms, x, draw_step(self.cfg, x, self.generator),
+                         self.prior.means, self.prior.sigma0, self._networks_cast)
 
     def optimizer_step(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """One step's computation on a batch: loss, backward, optimiser update. Nothing in
@@ -398,6 +453,11 @@ class Trainer:
         finally:
             self._segment_start = None
             self.train_seconds += time.monotonic() - start
+        return self.summarise_steps(stats, done)
+
+    def summarise_steps(self, stats: "_StepStats", done: int) -> dict[str, float]:
+        """The `train/...` means of `done` steps' accumulated statistics, after writing their
+        history rows; raises NonFiniteLossError when any of them is not finite."""
         self._flush_history(stats)
         if done == 0:
             return {}

@@ -166,11 +166,12 @@ def test_quality_rejects_bad_variants_settings_and_merges_before_training(tmp_pa
 def test_throughput_smoke_reports_flops_against_a_measured_peak(tmp_path):
     out = run("throughput.py", "--smoke", "--out", tmp_path / "t.json")
     result = json.loads((tmp_path / "t.json").read_text())
-    assert result["matmul_peak_gflops"] > 1.0
+    assert result["matmul_peak_gflops"]["fp32"] > 1.0
     assert_provenance(result, "throughput.py --smoke")
     row = result["results"][0]
-    assert row["preset"] == "cpu" and row["steps_per_s"] > 0 and row["gflop_per_step"] > 1.0
-    assert row["fraction_of_matmul_peak"] == row["gflops"] / result["matmul_peak_gflops"]
+    assert row["preset"] == "cpu" and row["family"] == "gmwae" and row["precision"] == "fp32"
+    assert row["steps_per_s"] > 0 and row["peak"] == "fp32"
+    assert row["fraction_of_matmul_peak"] == row["gflops"] / result["matmul_peak_gflops"]["fp32"]
     assert abs(sum(row["profile_share"].values()) - 1.0) < 1e-6
     assert row["profile_share"]["decoder"] > 0 and row["profile_share"]["mmd"] > 0
     assert set(row["component_ms"]) == {"encoders", "decoder", "mmd", "optimizer"}
@@ -179,6 +180,54 @@ def test_throughput_smoke_reports_flops_against_a_measured_peak(tmp_path):
         "64->32 ch", "32->16 ch", "16->1 ch"]
     assert all(x["gflops"] > 0 for x in row["decoder_layers"])
     assert "of peak" in out and "decoder convolutions alone" in out
+
+
+def test_a_step_counts_three_times_its_forward_flops():
+    """benchmarks/flops.py counts a whole optimizer step: the backward of the convolutions
+    and matmuls is twice their forward, so a step is about three forwards."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from gmwae_core import Trainer, from_preset, load_splits
+
+    flops = load_benchmark("flops.py")
+    for family in ("gmwae", "gmvae"):
+        cfg = from_preset("cpu", {"dataset": "synthetic", "pretrain_steps": 0,
+                                  "decoder_width": 16, "precision": "fp32"}, family=family)
+        trainer = Trainer(cfg, load_splits(cfg.data))
+        with FlopCounterMode(display=False) as forward, torch.no_grad():
+            trainer._loss(trainer._next_batch())
+        step = flops.step_flops(trainer)
+        assert 2.9 < step / forward.get_total_flops() < 3.1, (family, step, forward.get_total_flops())
+    assert flops.peak_key("bf16", torch.device("cuda")) == "bf16"
+    assert flops.peak_key("fp32", torch.device("cuda")) == "tf32"
+    assert flops.peak_key("fp32", torch.device("cpu")) == "fp32"
+
+
+def test_packing_smoke_measures_processes_and_a_stack_against_one_trial(tmp_path):
+    out = run("packing.py", "--smoke", "--sizes", "quickstart", "--out", tmp_path / "p.json")
+    result = json.loads((tmp_path / "p.json").read_text())
+    assert_provenance(result, "packing.py --smoke")
+    rows = {(r["mode"], r["trials"]): r for r in result["rows"]}
+    assert set(rows) == {("processes", 1), ("processes", 2), ("stacked", 1), ("stacked", 2)}
+    assert rows["processes", 1]["vs_one_alone"] == 1.0
+    for r in rows.values():
+        assert r["aggregate_steps_per_s"] > 0 and r["batch_size"] == 16
+        assert r["per_trial_steps_per_s"] == r["aggregate_steps_per_s"] / r["trials"]
+        assert r["vs_one_alone"] == r["aggregate_steps_per_s"] / rows["processes", 1][
+            "aggregate_steps_per_s"]
+    assert "steps/s in all" in out and "stacked" in out
+
+
+def test_packing_rejects_bad_counts_and_sizes_before_measuring(tmp_path):
+    for args, message in ((["--counts", "1,x"], "--counts must be comma-separated whole numbers"),
+                          (["--counts", "0"], "a count below 1"),
+                          (["--sizes", "huge"], "unknown size or mode ['huge']")):
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/packing.py"), *args,
+                               "--out", tmp_path / "p.json"],
+                              capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+        assert not (tmp_path / "p.json").exists()
 
 
 def test_throughput_rejects_an_unknown_variant(tmp_path):
@@ -196,6 +245,7 @@ def test_throughput_variants_combine_width_and_compile():
     throughput = load_benchmark("throughput.py")
     cfg = throughput.variant_config("cpu+w64+compile", torch.device("cpu"))
     assert cfg.model.decoder_width == 64 and cfg.train.compile
+    assert throughput.variant_config("cpu+gmvae", torch.device("cpu")).family == "gmvae"
     cfg = throughput.variant_config("cpu+w16", torch.device("cpu"))
     assert cfg.model.decoder_width == 16 and not cfg.train.compile
     assert cfg.train.precision == "fp32"
@@ -271,13 +321,24 @@ def test_step_memory_smoke_measures_a_step_within_the_estimate(tmp_path):
 
 def test_gpu_check_smoke_runs_every_section_on_the_cpu(tmp_path):
     """The GPU check's sections run end to end (CPU, tiny shapes)."""
-    out = run("gpu_check.py", "--smoke", "--out", tmp_path / "g.json")
+    out = run("gpu_check.py", "--smoke", "--out", tmp_path / "g.json", "--sections",
+              "memory,syncs,speed,training,paper,kernel,packing", "--packing-sizes", "quickstart",
+              "--packing-counts", "1")
     result = json.loads((tmp_path / "g.json").read_text())
-    for section in ("memory", "syncs", "speed", "training", "paper", "kernel"):
+    for section in ("memory", "syncs", "training", "paper", "kernel", "packing"):
         assert isinstance(result[section], list) and result[section], (section, result[section])
     assert {r["family"] for r in result["training"]} == {"gmwae", "gmvae"}
     assert all(r["epochs"] and 0 <= r["test"]["test/cluster_acc"] <= 1 for r in result["training"])
-    assert all("steps_per_s" in r for r in result["speed"] if r["mode"] != "bf16 step")
+    speed = result["speed"]
+    assert speed["matmul_peak_gflops"]["fp32"] > 1.0
+    for r in speed["rows"]:
+        if r["mode"] == "fp32":  # FLOPs counted, and the rate against the fp32 peak
+            assert r["steps_per_s"] > 0 and r["gflop_per_step"] > 0 and r["peak"] == "fp32"
+            assert r["fraction_of_peak"] == pytest.approx(
+                1e3 * r["tflops"] / speed["matmul_peak_gflops"]["fp32"])
+    assert {(r["mode"], r["trials"]) for r in result["packing"]} == {("processes", 1),
+                                                                     ("stacked", 1)}
+    assert "GFLOP/step" in out and "steps/s in all" in out
     assert [r["variant"] for r in result["paper"]] == ["paper", "consistency"]
     for r in result["paper"]:
         assert r["epochs"] and all(0 <= e["paper/cluster_acc_greedy"] <= 1 for e in r["epochs"])
