@@ -61,3 +61,31 @@ def test_compiled_decoder_matches_the_eager_one_forward_and_backward():
     for (name, pa), pb in zip(eager.named_parameters(), compiled.parameters()):
         # float32 sums in another order: compare against each gradient's own scale
         assert (pa.grad - pb.grad).abs().max() <= 1e-4 * pa.grad.abs().max(), name
+
+
+def test_the_channels_last_decoder_equals_a_contiguous_one_forward_and_backward():
+    """The decoder runs its deconvolutions in channels_last (the layout oneDNN and cuDNN
+    prefer); the same layers on contiguous tensors, with the last one as the plain
+    transposed convolution, give the same images and gradients."""
+    import copy
+
+    torch.manual_seed(2)
+    decoder = Decoder(latent_dim=4, width=16).double()
+    reference = copy.deepcopy(decoder).to(memory_format=torch.contiguous_format)
+    last = reference.deconv[-1]
+    plain = nn.ConvTranspose2d(last.in_channels, 1, 5, stride=1, padding=2).double()
+    plain.load_state_dict(last.state_dict())
+    reference.deconv[-1] = plain
+    z = torch.randn(6, 4, dtype=torch.double)
+    za, zb = z.clone().requires_grad_(), z.clone().requires_grad_()
+    ya = decoder(za)
+    h = reference.fc(zb).view(-1, 16, 7, 7)  # no layout change anywhere
+    yb = reference.deconv(h).reshape(6, 1, 28, 28)
+    assert ya.shape == yb.shape == (6, 1, 28, 28) and yb.is_contiguous()
+    torch.testing.assert_close(ya, yb)
+    g = torch.randn_like(ya)
+    (ya * g).sum().backward()
+    (yb * g).sum().backward()
+    torch.testing.assert_close(za.grad, zb.grad)
+    for (name, a), b in zip(decoder.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
