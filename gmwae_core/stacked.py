@@ -109,7 +109,7 @@ class StackedTrainer:
                               "the eager step), but it is true. Set train.compile=false.")
         self.trainers = [Trainer(cfg, splits, device) for cfg in cfgs]
         self.device = self.trainers[0].device
-        self._stacked = False
+        self._stacked = False  # True while the stacked tensors are newer than the Trainers
 
     def __len__(self) -> int:
         return len(self.trainers)
@@ -117,7 +117,9 @@ class StackedTrainer:
     # ------------------------------------------------------------ stacking
 
     def _stack(self) -> None:
-        """The runs' weights, BatchNorm statistics and Adam moments, stacked (N, ...)."""
+        """The runs' weights, BatchNorm statistics and Adam moments, stacked (N, ...), read
+        from the Trainers (which hold the runs between calls: a run may have stepped,
+        evaluated or loaded a checkpoint alone since the last call)."""
         models = [t.model for t in self.trainers]
         params, self.buffers = stack_module_state(models)
         self.params = {k: v.detach().requires_grad_() for k, v in params.items()}
@@ -125,7 +127,7 @@ class StackedTrainer:
         for module in base.modules():  # an in-place ReLU on a vmapped view copies the slices back
             if isinstance(module, nn.ReLU):
                 module.inplace = False
-        self._base = _Step(base, self.trainers[0])
+        self._base = _Step(base, self.trainers[0]).train()
         self.names = list(self.params)
         owned = [dict(t.model.named_parameters()) for t in self.trainers]
         self.exp_avg, self.exp_avg_sq = {}, {}
@@ -161,6 +163,7 @@ class StackedTrainer:
         goes on alone exactly where the stack left it."""
         if not self._stacked:
             return
+        self._stacked = False
         for i, t in enumerate(self.trainers):
             own = dict(t.model.named_parameters())
             for name, value in self.params.items():
@@ -240,13 +243,12 @@ class StackedTrainer:
             if not t.pretrained:
                 t.pretrain()
             t.model.train()
-        if not self._stacked:
-            self._stack()
+        self._stack()
         N, K = len(self), self.trainers[0].cfg.model.K
         sums: dict[str, torch.Tensor] = {}
         counts = torch.zeros(N, K, device=self.device)
         q_k_sum = torch.zeros(N, K, device=self.device)
-        rows: list[tuple[int, float, torch.Tensor]] = []
+        rows: list[tuple[list[int], list[bool], float, torch.Tensor]] = []
         first = self.trainers[0]
         done, start = 0, time.monotonic()
         for t in self.trainers:
@@ -267,9 +269,11 @@ class StackedTrainer:
                     q_k_sum += q_k.sum(1)
                     for name, value in terms.items():
                         sums[name] = sums.get(name, 0.0) + value.detach()
-                    step = first.step
-                    if step % first.cfg.train.history_every == 0 or step == 1:
-                        rows.append((step, time.time(), torch.stack(
+                    steps = [t.step for t in self.trainers]  # a run may have stepped alone
+                    due = [t.step % t.cfg.train.history_every == 0 or t.step == 1
+                           for t in self.trainers]
+                    if any(due):
+                        rows.append((steps, due, time.time(), torch.stack(
                             [terms[k].detach().float() for k in first.term_names]
                             + [torch.vmap(aggregate_entropy)(q_k),
                                torch.vmap(active_count)(batch_counts).float()], 1)))
@@ -285,7 +289,7 @@ class StackedTrainer:
         out = []
         for i, t in enumerate(self.trainers):
             stats = _StepStats({k: v[i] for k, v in sums.items()}, counts[i], q_k_sum[i],
-                               [(s, w, r[i]) for s, w, r in rows])
+                               [(s[i], w, r[i]) for s, due, w, r in rows if due[i]])
             if done:
                 for group in t.optimizer.param_groups:
                     group["lr"] = float(last_lrs[i])

@@ -86,6 +86,11 @@ def test_a_stack_synced_back_goes_on_alone_like_a_run_that_never_stacked():
     assert relative(after_stack["train/loss"], after_alone["train/loss"]) < 2e-3
     state = stack.trainers[1].optimizer.state_dict()["state"]
     assert all(float(s["step"]) == 6 for s in state.values())
+    # the stack goes on from where each run is now: run 1 stepped alone, run 0 did not
+    again = stack.train_steps(2)
+    assert [t.step for t in stack.trainers] == [5, 8]
+    assert [t.history[-1]["step"] for t in stack.trainers] == [4, 8]  # history_every 2
+    assert relative(again[1]["train/loss"], alone.train_steps(2)["train/loss"]) < 2e-3
 
 
 def test_runs_that_differ_in_shape_are_refused_and_grouped():
