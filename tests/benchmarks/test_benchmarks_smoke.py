@@ -473,3 +473,53 @@ def test_selection_refuses_a_target_that_is_not_a_labelled_test_metric(tmp_path)
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 2 and "--target must be a test metric" in proc.stderr
     assert not (tmp_path / "s.json").exists()
+
+
+def test_reproduce_goes_on_across_windows_exactly_where_it_stopped(tmp_path):
+    """The paper reproduction in two windows (the first too short to finish, however far it
+    gets) ends where one uninterrupted window does: the runs' states are saved and resumed
+    exactly, and the record gathers both windows."""
+    common = ["--smoke", "--epochs", "2", "--seeds", "0,1", "--variants", "paper,gmvae"]
+    run("reproduce.py", *common, "--state", tmp_path / "s2", "--window-seconds", "4",
+        "--out", tmp_path / "two.json")
+    first = json.loads((tmp_path / "two.json").read_text())
+    assert first["complete"] is False or first["windows"][0]["steps"] > 0
+    out = run("reproduce.py", *common, "--state", tmp_path / "s2", "--window-seconds", "600",
+              "--out", tmp_path / "two.json")
+    two = json.loads((tmp_path / "two.json").read_text())
+    run("reproduce.py", *common, "--state", tmp_path / "s1", "--window-seconds", "600",
+        "--out", tmp_path / "one.json")
+    one = json.loads((tmp_path / "one.json").read_text())
+    assert two["complete"] and one["complete"] and "complete; wrote" in out
+    assert len(two["windows"]) == len(two["sources"]) == 2 and len(one["windows"]) == 1
+    assert_provenance(two, "reproduce.py --smoke")
+    for variant in ("paper", "gmvae"):
+        assert two["variants"][variant]["finished_seeds"] == 2
+        for seed in ("0", "1"):
+            a, b = two["variants"][variant]["runs"][seed], one["variants"][variant]["runs"][seed]
+            assert a["steps"] == a["of_steps"] == b["steps"] and a["epochs_done"] == 2.0
+            assert a["paper"] == b["paper"], (variant, seed)  # the same run, bit for bit
+        values = [r["paper"]["paper/cluster_acc_greedy"]
+                  for r in two["variants"][variant]["runs"].values()]
+        assert two["variants"][variant]["cluster_acc_greedy_mean"] == pytest.approx(
+            sum(values) / 2)
+
+
+def test_reproduce_rejects_bad_variants_seeds_and_a_changed_schedule(tmp_path):
+    def call(*args):
+        return subprocess.run([sys.executable, str(ROOT / "benchmarks/reproduce.py"), "--smoke",
+                               "--state", str(tmp_path / "s"), *map(str, args)],
+                              capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+    for args, message in ((["--variants", "papr"], "unknown variant ['papr']"),
+                          (["--seeds", "0,one"], "--seeds must be comma-separated whole numbers"),
+                          (["--epochs", "0"], "train.epochs")):
+        proc = call("--epochs", "2", *args, "--out", tmp_path / "r.json")
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+        assert not (tmp_path / "r.json").exists()
+    assert call("--epochs", "1", "--seeds", "0", "--variants", "gmvae", "--window-seconds",
+                "600", "--out", tmp_path / "r.json").returncode == 0
+    before = (tmp_path / "r.json").read_text()
+    proc = call("--epochs", "3", "--seeds", "0", "--variants", "gmvae", "--out", tmp_path / "r.json")
+    assert proc.returncode == 2 and "holds runs of 1 epochs, not 3" in proc.stderr
+    assert (tmp_path / "r.json").read_text() == before  # nothing recorded is lost
