@@ -131,11 +131,8 @@ class StackedTrainer:
         self.names = list(self.params)
         owned = [dict(t.model.named_parameters()) for t in self.trainers]
         self.exp_avg, self.exp_avg_sq = {}, {}
-        steps = []
-        for i, t in enumerate(self.trainers):
-            state = t.optimizer.state
-            first = state.get(owned[i][self.names[0]], {})
-            steps.append(float(first.get("step", 0.0)))
+        steps = [float(t.optimizer.state.get(owned[i][self.names[0]], {}).get("step", 0.0))
+                 for i, t in enumerate(self.trainers)]
         for name in self.names:
             avg, sq = [], []
             for i, t in enumerate(self.trainers):

@@ -36,8 +36,9 @@ from .objectives import (balance_kl, consistency_kl, kl_categorical_uniform, kl_
                          moment_matching_loss, weighted_mmd)
 from .priors import MixturePrior
 
-__all__ = ["Trainer", "EvalResult", "StepDraws", "DrawnPrior", "draw_step", "step_loss", "NonFiniteLossError", "resolve_device", "lr_factor",
-           "budget_used", "resolve_precision", "PAPER_LR_DECAY"]
+__all__ = ["Trainer", "EvalResult", "StepDraws", "DrawnPrior", "draw_step", "step_loss",
+           "NonFiniteLossError", "resolve_device", "lr_factor", "budget_used",
+           "resolve_precision", "PAPER_LR_DECAY"]
 
 PAPER_LR_DECAY = ((30, 0.5), (50, 0.1))
 """The authors' schedule (train.lr_schedule=paper): (from epoch, factor of train.lr)."""
